@@ -1,0 +1,1 @@
+"""Subcommands of the `eldr` console script; each module has `register(subparsers)`."""

@@ -1,0 +1,91 @@
+"""`eldr fit`: calibration file -> partition file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from eldr.calibrate import FitConfig, fit_partition
+from eldr.calibration_data import load_calibration
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "fit",
+        help="fit a partition (signature transform + one centroid per decode worker)",
+        description=(
+            "Fit IDF weights, the greedy layer mask (when decode counts are given) and balanced "
+            "spherical k-means with one centroid per decode worker, and write the partition file "
+            "that `eldr route`, `eldr simulate` and `eldr serve` read."
+        ),
+    )
+    p.add_argument(
+        "--calibration",
+        required=True,
+        metavar="CAL.npz",
+        help="calibration file: prefill_counts [N,L,E], optional decode_counts [N,L,E], labels [N]",
+    )
+    p.add_argument("--workers", type=int, required=True, metavar="K", help="number of decode workers")
+    p.add_argument("--seed", type=int, default=1, help="seed for k-means++ and pair sampling (default 1)")
+    p.add_argument(
+        "--kmeans",
+        choices=("balanced", "plain"),
+        default="balanced",
+        help="balanced (cluster size <= ceil(N/K), default) or plain spherical k-means (ablation)",
+    )
+    p.add_argument("--max-iter", type=int, default=50, help="k-means iterations at most (default 50)")
+    p.add_argument(
+        "--pairs", type=int, default=30_000, help="request pairs sampled for the layer mask (default 30000)"
+    )
+    p.add_argument("--out", required=True, metavar="PART.npz", help="partition file to write")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    cal = load_calibration(args.calibration)
+    config = FitConfig(
+        num_workers=args.workers,
+        seed=args.seed,
+        is_balanced=args.kmeans == "balanced",
+        max_iter=args.max_iter,
+        num_pairs=args.pairs,
+    )
+    part = fit_partition(cal.prefill_counts, config, decode_counts=cal.decode_counts, top_k=cal.top_k)
+    part.save(args.out)
+    meta = part.meta
+    summary = {
+        "out": str(args.out),
+        "num_requests": cal.num_requests,
+        "num_layers": part.num_layers,
+        "num_experts": part.num_experts,
+        "workers": part.num_workers,
+        "kmeans": meta["kmeans"],
+        "cluster_sizes": meta["cluster_sizes"],
+        "kept_layers": list(part.transform.layers),
+        "rho": meta["rho"],
+        "iterations": meta["num_iterations"],
+        "converged": meta["is_converged"],
+        "fit_seconds": round(meta["fit_seconds"], 4),
+    }
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    rho = "n/a (no decode_counts: all layers kept)" if meta["rho"] is None else f"{meta['rho']:.4f}"
+    print(
+        f"fitted {part.num_workers} workers from {cal.num_requests} requests "
+        f"({part.num_layers} layers x {part.num_experts} experts) in {meta['fit_seconds']:.2f} s"
+    )
+    print(
+        f"  kept layers   : {len(part.transform.layers)} of {part.num_layers}: "
+        f"{sorted(part.transform.layers)}"
+    )
+    print(f"  peak rho      : {rho}")
+    print(f"  cluster sizes : {meta['cluster_sizes']}")
+    print(
+        f"  k-means       : {meta['kmeans']}, {meta['num_iterations']} iterations, "
+        f"{'converged' if meta['is_converged'] else 'not converged'}"
+    )
+    print(f"  wrote         : {args.out}")
+    return 0

@@ -1,0 +1,29 @@
+"""The one exception tree of eldr.
+
+Everything the package raises on purpose derives from `EldrError`. The CLI turns an `EldrError` into
+one line on stderr and exit status 2; the proxy turns it into an OpenAI-style error body.
+"""
+
+
+class EldrError(Exception):
+    """Base class of every error eldr raises on purpose."""
+
+
+class InvalidInputError(EldrError, ValueError):
+    """Input data has the wrong shape, type or values (negative counts, NaN, empty arrays...)."""
+
+
+class InputFileError(EldrError, OSError):
+    """A file could not be read or does not hold what it should."""
+
+
+class PartitionMismatchError(EldrError):
+    """A partition does not fit the setup it is loaded into (L, E or number of workers differ)."""
+
+
+class NoHealthyWorkerError(EldrError):
+    """A routing decision was asked for while no worker is healthy."""
+
+
+class ConfigError(EldrError, ValueError):
+    """A configuration value is invalid."""
