@@ -1,0 +1,66 @@
+"""The compact, versioned signature payload an engine returns with the prefill answer.
+
+The engine plugin writes it into `kv_transfer_params["eldr"]`; the proxy reads and removes it before
+the decode leg. Version 1 is a JSON object:
+
+    {"v": 1, "layers": L, "experts": E, "top_k": k, "num_tokens": T,
+     "dtype": "<u2" | "<u4", "counts": "<base64 of the [L, E] counts, C order, little-endian>"}
+
+`<u2` (12 KiB raw for L = 48, E = 128, as in the paper) is used while every count fits in 16 bits,
+`<u4` otherwise. `num_tokens` lets the reader check conservation: each layer sums to T x k.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from eldr.errors import InvalidInputError
+from eldr.signature import check_conservation
+
+PAYLOAD_KEY = "eldr"
+PAYLOAD_VERSION = 1
+_DTYPES: dict[str, np.dtype[np.unsignedinteger]] = {"<u2": np.dtype("<u2"), "<u4": np.dtype("<u4")}
+
+
+def encode_counts(counts: npt.NDArray[np.integer], *, num_tokens: int, top_k: int) -> dict[str, Any]:
+    """`[L, E]` counts -> the version-1 payload object."""
+    if counts.ndim != 2:
+        raise InvalidInputError(f"counts must have shape [layers, experts], got {counts.shape}")
+    dtype = "<u2" if int(counts.max(initial=0)) <= np.iinfo(np.uint16).max else "<u4"
+    raw = np.ascontiguousarray(counts, dtype=_DTYPES[dtype]).tobytes()
+    return {
+        "v": PAYLOAD_VERSION,
+        "layers": int(counts.shape[0]),
+        "experts": int(counts.shape[1]),
+        "top_k": int(top_k),
+        "num_tokens": int(num_tokens),
+        "dtype": dtype,
+        "counts": base64.b64encode(raw).decode("ascii"),
+    }
+
+
+def decode_counts(payload: Any) -> npt.NDArray[np.int64]:
+    """The version-1 payload object -> `[L, E]` int64 counts; `InvalidInputError` if malformed."""
+    if not isinstance(payload, dict):
+        raise InvalidInputError(f"signature payload must be an object, got {type(payload).__name__}")
+    if payload.get("v") != PAYLOAD_VERSION:
+        raise InvalidInputError(f"unsupported signature payload version {payload.get('v')!r}")
+    try:
+        layers, experts = int(payload["layers"]), int(payload["experts"])
+        top_k, num_tokens = int(payload["top_k"]), int(payload["num_tokens"])
+        dtype = _DTYPES[payload["dtype"]]
+        raw = base64.b64decode(payload["counts"], validate=True)
+    except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+        raise InvalidInputError(f"malformed signature payload: {exc!r}") from exc
+    if layers < 1 or experts < 1 or len(raw) != layers * experts * dtype.itemsize:
+        raise InvalidInputError(
+            f"signature payload holds {len(raw)} bytes, expected {layers} x {experts} x {dtype.itemsize}"
+        )
+    counts = np.frombuffer(raw, dtype=dtype).reshape(layers, experts).astype(np.int64)
+    check_conservation(counts, num_tokens, top_k)
+    return counts

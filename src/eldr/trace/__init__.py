@@ -1,0 +1,1 @@
+"""Request traces: the format (`format.py`), builders from real routing data, and statistics."""

@@ -1,0 +1,155 @@
+"""The trace file: one `.npz` per trace, written with numpy alone, read without pickle.
+
+See docs/trace-format.md for the full table. Required arrays:
+
+    prefill_counts [N, L, E]  per-request prefill expert counts (tokens x top-k per layer)
+    decode_counts  [N, L, E]  per-request counts over the generated tokens
+    prompt_tokens  [N]        prompt length in tokens
+    output_tokens  [N]        generated tokens
+    arrival_s      [N]        arrival times in seconds, sorted ascending
+    top_k          scalar     experts per token
+    layers         [L]        the model's layer ids these L columns stand for
+    num_model_layers scalar   MoE layers the model has (>= L)
+
+Optional: `domain` [N] str, `calibration` [N] bool (requests reserved for fitting),
+`decode_topk` [sum(output_tokens), L, k] with `decode_offsets` [N + 1] (exact per-token decode
+choices), `meta` 0-d JSON string (source, attribution, builder settings).
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from eldr.errors import InputFileError, InvalidInputError
+from eldr.signature import as_counts
+
+REQUIRED = (
+    "prefill_counts",
+    "decode_counts",
+    "prompt_tokens",
+    "output_tokens",
+    "arrival_s",
+    "top_k",
+    "layers",
+    "num_model_layers",
+)
+
+
+@dataclass(frozen=True)
+class Trace:
+    prefill_counts: npt.NDArray[np.integer]  # [N, L, E]
+    decode_counts: npt.NDArray[np.integer]  # [N, L, E]
+    prompt_tokens: npt.NDArray[np.int64]  # [N]
+    output_tokens: npt.NDArray[np.int64]  # [N]
+    arrival_s: npt.NDArray[np.float64]  # [N], sorted
+    top_k: int
+    layers: npt.NDArray[np.int64]  # [L] model layer ids
+    num_model_layers: int
+    domain: npt.NDArray[np.str_] | None = None  # [N]
+    calibration: npt.NDArray[np.bool_] | None = None  # [N]
+    decode_topk: npt.NDArray[np.integer] | None = None  # [sum(output_tokens), L, k]
+    decode_offsets: npt.NDArray[np.int64] | None = None  # [N + 1]
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    @property
+    def num_requests(self) -> int:
+        return int(self.prefill_counts.shape[0])
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.prefill_counts.shape[1])
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.prefill_counts.shape[2])
+
+    def save(self, path: str | Path) -> None:
+        arrays: dict[str, Any] = {
+            name: getattr(self, name)
+            for name in (*REQUIRED, "domain", "calibration", "decode_topk", "decode_offsets")
+            if getattr(self, name) is not None
+        }
+        arrays["meta"] = np.asarray(json.dumps(self.meta, sort_keys=True))
+        with open(path, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Trace:
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {name: data[name] for name in data.files}
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+            raise InputFileError(f"cannot read trace {path}: {exc}") from exc
+        missing = [name for name in REQUIRED if name not in arrays]
+        if missing:
+            raise InputFileError(f"{path} is not an eldr trace: missing {missing}")
+        meta = json.loads(str(arrays.pop("meta"))) if "meta" in arrays else {}
+        known = set(REQUIRED) | {"domain", "calibration", "decode_topk", "decode_offsets"}
+        kwargs = {name: value for name, value in arrays.items() if name in known}
+        try:
+            return cls(
+                **{
+                    **kwargs,
+                    "top_k": int(kwargs["top_k"]),
+                    "num_model_layers": int(kwargs["num_model_layers"]),
+                    "prompt_tokens": kwargs["prompt_tokens"].astype(np.int64),
+                    "output_tokens": kwargs["output_tokens"].astype(np.int64),
+                    "arrival_s": kwargs["arrival_s"].astype(np.float64),
+                    "layers": kwargs["layers"].astype(np.int64),
+                },
+                meta=meta,
+            )
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, InvalidInputError):
+                raise InvalidInputError(f"{path}: {exc}") from exc
+            raise InputFileError(f"{path} is not a valid eldr trace: {exc}") from exc
+
+
+def validate(trace: Trace) -> None:
+    """Raise `InvalidInputError` naming the first problem of a trace."""
+    prefill = as_counts(trace.prefill_counts, name="prefill_counts", ndim=3)
+    decode = as_counts(trace.decode_counts, name="decode_counts", ndim=3)
+    n, num_layers, _ = prefill.shape
+    if decode.shape != prefill.shape:
+        raise InvalidInputError(f"decode_counts {decode.shape} differs from prefill_counts {prefill.shape}")
+    for name in ("prompt_tokens", "output_tokens", "arrival_s"):
+        arr = getattr(trace, name)
+        if arr.shape != (n,):
+            raise InvalidInputError(f"{name} has shape {arr.shape}, expected ({n},)")
+    if np.any(trace.prompt_tokens < 1) or np.any(trace.output_tokens < 0):
+        raise InvalidInputError("prompt_tokens must be >= 1 and output_tokens >= 0")
+    if not np.all(np.isfinite(trace.arrival_s)) or np.any(np.diff(trace.arrival_s) < 0):
+        raise InvalidInputError("arrival_s must be finite and sorted ascending")
+    if trace.top_k < 1:
+        raise InvalidInputError(f"top_k must be >= 1, got {trace.top_k}")
+    if trace.layers.shape != (num_layers,):
+        raise InvalidInputError(f"layers has shape {trace.layers.shape}, expected ({num_layers},)")
+    if trace.num_model_layers < num_layers or np.any(trace.layers >= trace.num_model_layers):
+        raise InvalidInputError(
+            f"layers {trace.layers.tolist()} do not fit a model of {trace.num_model_layers} layers"
+        )
+    for name in ("domain", "calibration"):
+        arr = getattr(trace, name)
+        if arr is not None and arr.shape != (n,):
+            raise InvalidInputError(f"{name} has shape {arr.shape}, expected ({n},)")
+    if (trace.decode_topk is None) != (trace.decode_offsets is None):
+        raise InvalidInputError("decode_topk and decode_offsets come together")
+    if trace.decode_offsets is not None and trace.decode_topk is not None:
+        offsets = trace.decode_offsets
+        if offsets.shape != (n + 1,) or offsets[0] != 0 or np.any(np.diff(offsets) < 0):
+            raise InvalidInputError("decode_offsets must be [N + 1], start at 0 and not decrease")
+        if trace.decode_topk.shape[:2] != (int(offsets[-1]), num_layers):
+            raise InvalidInputError(
+                f"decode_topk has shape {trace.decode_topk.shape}, expected "
+                f"[{int(offsets[-1])}, {num_layers}, k]"
+            )
