@@ -111,6 +111,18 @@ class SignatureTransform:
     def dim(self) -> int:
         return int(self._weights.shape[0])
 
+    def full_weights(self) -> FloatArray:
+        """IDF weights over all `L * E` count positions, zero on dropped layers."""
+        out = np.zeros((self.num_layers, self.num_experts), dtype=np.float32)
+        out[self._order] = self.idf[self._order]
+        return out.ravel()
+
+    def embed(self, vectors: FloatArray) -> FloatArray:
+        """Map signature-space vectors `[..., D]` onto the full `[..., L * E]` count layout."""
+        out = np.zeros((*vectors.shape[:-1], self.num_layers, self.num_experts), dtype=np.float32)
+        out[..., self._order, :] = vectors.reshape(*vectors.shape[:-1], len(self._order), self.num_experts)
+        return out.reshape(*vectors.shape[:-1], -1)
+
     def check_shape(self, counts: npt.NDArray[np.generic]) -> None:
         expected = (self.num_layers, self.num_experts)
         if tuple(counts.shape[-2:]) != expected:

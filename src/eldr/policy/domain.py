@@ -19,7 +19,6 @@ import numpy.typing as npt
 from eldr.errors import ConfigError, PartitionMismatchError
 from eldr.policy.base import Decision, RequestView, WorkersView, least_loaded
 from eldr.policy.locality_band import LocalityBandPolicy
-from eldr.signature import FloatArray
 
 
 def split_pools(label_counts: Mapping[str, int], num_workers: int) -> dict[str, tuple[int, ...]]:
@@ -76,8 +75,8 @@ class OraclePolicy(LocalityBandPolicy):
 
     name = "oracle"
 
-    def signature(self, request: RequestView) -> FloatArray | None:
-        return super().signature(RequestView(request.request_id, counts=request.decode_counts))
+    def counts_of(self, request: RequestView) -> npt.NDArray[np.generic] | None:
+        return request.decode_counts
 
 
 def label_counts_of(labels: npt.ArrayLike) -> dict[str, int]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from eldr.errors import ConfigError, PartitionMismatchError
+from eldr.errors import ConfigError, NoHealthyWorkerError, PartitionMismatchError
 from eldr.partition import Partition
 from eldr.policy.base import Decision, RequestView, WorkersView, least_loaded
 from eldr.signature import FloatArray, SignatureTransform
@@ -24,27 +24,35 @@ DEFAULT_TAU = 0.1
 
 
 def band_members(
-    similarities: FloatArray, healthy: npt.NDArray[np.int64], tau: float
+    similarities: FloatArray, healthy: npt.NDArray[np.bool_], tau: float
 ) -> npt.NDArray[np.int64]:
-    """Healthy workers within `tau` of the best similarity (runner-up added when tau > 0)."""
-    sims = similarities[healthy]
-    best = sims.max()
-    members = healthy[sims >= best - tau]
-    if tau > 0 and members.size == 1 and healthy.size > 1:
-        order = np.argsort(-sims, kind="stable")
-        members = healthy[order[:2]]
+    """Healthy workers within `tau` of the best healthy similarity (runner-up added when tau > 0)."""
+    sims = similarities if healthy.all() else np.where(healthy, similarities, -np.inf)
+    top = int(sims.argmax())
+    best = sims[top]
+    if best == -np.inf:
+        raise NoHealthyWorkerError("no healthy decode worker")
+    members = np.flatnonzero(sims >= best - tau)
+    if tau > 0 and members.size == 1 and sims.size > 1:
+        rest = sims.copy()
+        rest[top] = -np.inf
+        second = int(rest.argmax())  # the most similar other worker, lowest index on ties
+        if rest[second] > -np.inf:
+            members = np.array([top, second] if top < second else [second, top], dtype=np.int64)
     return members
 
 
 def pick_in_band(
     members: npt.NDArray[np.int64], similarities: FloatArray, in_flight: npt.NDArray[np.int64]
 ) -> int:
+    """The least-loaded band member; ties go to the more similar, then the lower index."""
+    if members.size == 1:
+        return int(members[0])
     loads = in_flight[members]
     lightest = members[loads == loads.min()]
     if lightest.size == 1:
         return int(lightest[0])
-    # ties: most similar first, then lowest index (argmax returns the first maximum)
-    return int(lightest[np.argmax(similarities[lightest])])
+    return int(lightest[np.argmax(similarities[lightest])])  # argmax: first of equal maxima
 
 
 class LocalityBandPolicy:
@@ -56,39 +64,76 @@ class LocalityBandPolicy:
         if not tau >= 0.0:
             raise ConfigError(f"tau must be >= 0, got {tau}")
         self.transform: SignatureTransform = partition.transform
-        self.centroids: FloatArray = partition.worker_centroids()  # [W, D], row w for worker w
         self.tau = tau
         self._rng = np.random.default_rng(seed)
+        self._full_weights = self.transform.full_weights()  # [L * E]
+        self._shape = (self.transform.num_layers, self.transform.num_experts)
+        self.centroids = partition.worker_centroids()
+
+    @property
+    def centroids(self) -> FloatArray:
+        """Unit centroids `[W, D]`, row w for worker w."""
+        return self._state[0]
+
+    @centroids.setter
+    def centroids(self, value: FloatArray) -> None:
+        # centroids folded with the IDF weights onto the raw count layout: sims = M @ counts / ||w*counts||
+        folded = self.transform.embed(value) * self._full_weights
+        self._state = (value, np.ascontiguousarray(folded, dtype=np.float32))  # one atomic swap
 
     def signature(self, request: RequestView) -> FloatArray | None:
-        """The request's unit signature, or None when it has no usable one."""
-        counts = request.counts
-        if counts is None or counts.shape != (
-            self.transform.num_layers,
-            self.transform.num_experts,
-        ):
-            return None
-        if counts.dtype.kind == "f" and not np.all(np.isfinite(counts)):
-            return None
-        if counts.dtype.kind != "u" and np.any(counts < 0):
+        """The request's unit signature `[D]`, or None when it has no usable one."""
+        counts = self._usable_counts(self.counts_of(request))
+        if counts is None:
             return None
         vec = self.transform.apply(counts)
         return vec if vec.any() else None
 
+    def counts_of(self, request: RequestView) -> npt.NDArray[np.generic] | None:
+        """The counts this policy routes by: the prefill counts."""
+        return request.counts
+
+    def _usable_counts(self, counts: npt.NDArray[np.generic] | None) -> npt.NDArray[np.generic] | None:
+        if counts is None or counts.shape != self._shape:
+            return None
+        kind = counts.dtype.kind
+        if kind == "f" and not np.isfinite(counts).all():
+            return None
+        if kind not in "biuf" or (kind != "u" and counts.min() < 0):
+            return None
+        return counts
+
     def choose(self, request: RequestView, workers: WorkersView) -> Decision:
-        vec = self.signature(request)
-        return self.choose_signature(vec, workers)
+        counts = self._usable_counts(self.counts_of(request))
+        centroids, folded = self._state
+        self._check_pool(centroids, workers)
+        if counts is None:
+            return self._fallback(workers)
+        weighted = np.multiply(counts.reshape(-1), self._full_weights, dtype=np.float32)
+        norm = float(np.sqrt(weighted @ weighted))
+        if norm == 0.0:
+            return self._fallback(workers)
+        return self._decide(folded @ weighted / norm, workers)
 
     def choose_signature(self, vec: FloatArray | None, workers: WorkersView) -> Decision:
-        centroids = self.centroids  # one read: a refit may swap the attribute concurrently
+        """Route a precomputed unit signature `[D]` (None: no usable signature)."""
+        centroids, _ = self._state
+        self._check_pool(centroids, workers)
+        if vec is None:
+            return self._fallback(workers)
+        return self._decide(centroids @ vec, workers)
+
+    def _check_pool(self, centroids: FloatArray, workers: WorkersView) -> None:
         if workers.num_workers != centroids.shape[0]:
             raise PartitionMismatchError(
                 f"partition has {centroids.shape[0]} decode workers, the pool has {workers.num_workers}"
             )
-        healthy = workers.healthy_indices()
-        if vec is None:
-            return Decision(least_loaded(healthy, workers, self._rng), is_fallback=True)
-        sims = centroids @ vec  # [W]
-        members = band_members(sims, healthy, self.tau)
+
+    def _fallback(self, workers: WorkersView) -> Decision:
+        return Decision(least_loaded(workers.healthy_indices(), workers, self._rng), is_fallback=True)
+
+    def _decide(self, sims: FloatArray, workers: WorkersView) -> Decision:
+        np.clip(sims, -1.0, 1.0, out=sims)  # float rounding can exceed 1; tau >= 1 must mean JSQ
+        members = band_members(sims, workers.healthy, self.tau)
         worker = pick_in_band(members, sims, workers.in_flight)
         return Decision(worker, similarities=sims, band=tuple(members.tolist()))
