@@ -88,13 +88,28 @@ class ServeConfig:
             raise ConfigError(f"tau must be >= 0, got {self.tau}")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be in 0..65535, got {self.port}")
-        positive = ("connect_timeout_s", "prefill_timeout_s", "decode_timeout_s", "stream_idle_timeout_s",
-                    "queue_timeout_s", "health_interval_s", "health_timeout_s", "hash_load_factor")
+        positive = (
+            "connect_timeout_s",
+            "prefill_timeout_s",
+            "decode_timeout_s",
+            "stream_idle_timeout_s",
+            "queue_timeout_s",
+            "health_interval_s",
+            "health_timeout_s",
+            "hash_load_factor",
+        )
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
-        at_least_one = ("max_attempts", "max_concurrency", "max_body_bytes", "eject_after", "recover_after",
-                        "prefix_bytes", "hash_virtual_nodes")
+        at_least_one = (
+            "max_attempts",
+            "max_concurrency",
+            "max_body_bytes",
+            "eject_after",
+            "recover_after",
+            "prefix_bytes",
+            "hash_virtual_nodes",
+        )
         for name in at_least_one:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -103,7 +118,7 @@ class ServeConfig:
         if self.refit_every and self.policy != "eldr":
             raise ConfigError("refit_every needs policy eldr")
         if self.refit_every and self.refit_window < len(self.decode):
-            raise ConfigError(f"refit_window must hold at least one request per decode instance")
+            raise ConfigError("refit_window must hold at least one request per decode instance")
 
     def replace(self, **changes: Any) -> ServeConfig:
         return dataclasses.replace(self, **changes)
@@ -128,7 +143,7 @@ _TUPLES = ("prefill", "decode", "models")
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """The config file's mapping; unknown keys are an error (a typo must not pass silently)."""
-    import yaml
+    import yaml  # type: ignore[import-untyped]
 
     try:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))

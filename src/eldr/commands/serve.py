@@ -1,0 +1,163 @@
+"""`eldr serve`: the OpenAI-compatible prefill/decode proxy with ELDR decode routing.
+
+The web stack (starlette, uvicorn, httpx, prometheus-client, pyyaml: the `serve` extra) is imported
+inside `run`, so `eldr --help` works without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from eldr.errors import ConfigError
+
+# flag -> (config field, type, help); every key of the YAML file has the flag of the same name
+_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
+    ("--partition", "partition", str, "partition file from `eldr fit`; needed by --policy eldr"),
+    ("--policy", "policy", str, "decode routing policy: eldr (default), rr, random, jsq, p2c"),
+    ("--tau", "tau", float, "locality band width for eldr (default 0.1; 0 = pure locality, 1 = JSQ)"),
+    ("--seed", "seed", int, "seed of the policies' tie-breaking (default 0)"),
+    ("--host", "host", str, "address to listen on (default 127.0.0.1)"),
+    ("--port", "port", int, "port to listen on (default 8000; 0 = any free port)"),
+    (
+        "--prefill-policy",
+        "prefill_policy",
+        str,
+        "prefill choice: least-loaded (default) or prefix-hash (consistent hash of the prompt's first bytes, "
+        "least-loaded above --hash-load-factor x mean load)",
+    ),
+    ("--prefix-bytes", "prefix_bytes", int, "prefix-hash: bytes of the prompt hashed (default 1024)"),
+    (
+        "--hash-virtual-nodes",
+        "hash_virtual_nodes",
+        int,
+        "prefix-hash: virtual nodes per instance (default 160)",
+    ),
+    ("--hash-load-factor", "hash_load_factor", float, "prefix-hash: load guard, x mean load (default 1.25)"),
+    ("--connect-timeout-s", "connect_timeout_s", float, "TCP connect timeout to an engine (default 5)"),
+    ("--prefill-timeout-s", "prefill_timeout_s", float, "limit on the whole prefill leg (default 60)"),
+    (
+        "--decode-timeout-s",
+        "decode_timeout_s",
+        float,
+        "limit until the decode leg's first byte; for non-streaming requests the whole answer (default 60)",
+    ),
+    (
+        "--stream-idle-timeout-s",
+        "stream_idle_timeout_s",
+        float,
+        "longest gap between two chunks of a decode stream (default 60)",
+    ),
+    (
+        "--max-attempts",
+        "max_attempts",
+        int,
+        "prefill+decode attempts per request, failing over to other instances (default 3)",
+    ),
+    ("--max-concurrency", "max_concurrency", int, "requests handled at once (default 1024)"),
+    (
+        "--max-queue",
+        "max_queue",
+        int,
+        "requests waiting for a slot; beyond it: 429 + Retry-After (default 1024)",
+    ),
+    (
+        "--queue-timeout-s",
+        "queue_timeout_s",
+        float,
+        "longest wait for a slot; then 503 + Retry-After (default 10)",
+    ),
+    ("--max-body-bytes", "max_body_bytes", int, "largest request body; beyond it: 413 (default 16 MiB)"),
+    ("--health-interval-s", "health_interval_s", float, "seconds between active health checks (default 2)"),
+    ("--health-timeout-s", "health_timeout_s", float, "timeout of one health check (default 2)"),
+    ("--eject-after", "eject_after", int, "consecutive failed checks that eject an instance (default 2)"),
+    ("--recover-after", "recover_after", int, "consecutive good checks that bring it back (default 1)"),
+    (
+        "--load-signal",
+        "load_signal",
+        str,
+        "router (in-flight tracked here, default) or blend (max of that and the engine's "
+        "vllm:num_requests_running + waiting, scraped at each health check; keeps replicas consistent)",
+    ),
+    (
+        "--refit-every",
+        "refit_every",
+        int,
+        "eldr: refit the centroids after this many routed signatures, off the event loop (default 0 = off)",
+    ),
+    ("--refit-window", "refit_window", int, "eldr: recent signatures a refit clusters (default 2000)"),
+    ("--api-key", "api_key", str, "clients must send Authorization: Bearer KEY (default: no key)"),
+    ("--admin-token", "admin_token", str, "enables /admin/* with Authorization: Bearer TOKEN (default: off)"),
+    (
+        "--forward-auth",
+        "forward_auth",
+        str,
+        "Authorization sent to engines: none (default), client (relay the client's), engine-key",
+    ),
+    (
+        "--engine-api-key",
+        "engine_api_key",
+        str,
+        "key sent to engines as Bearer with --forward-auth engine-key",
+    ),
+    ("--log-level", "log_level", str, "debug, info (default), warning, error"),
+)
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "serve",
+        help="run the OpenAI-compatible prefill/decode proxy in front of vLLM",
+        description=(
+            "An OpenAI-compatible proxy for vLLM prefill/decode disaggregation. Each request is prefilled on "
+            "one --prefill instance (max_tokens 1, kv_transfer_params do_remote_decode), its expert "
+            "signature is read from the answer, and the --decode instance is chosen by the policy "
+            "(eldr: locality band over the partition's centroids, centroid k = k-th --decode URL). "
+            "Settings come from --config and/or flags (flags win); see docs/serving.md."
+        ),
+    )
+    p.add_argument("--config", metavar="FILE", help="YAML file whose keys are the flags' names in snake_case")
+    p.add_argument(
+        "--prefill", action="append", metavar="URL", help="a prefill instance, http://host:port (repeat)"
+    )
+    p.add_argument(
+        "--decode",
+        action="append",
+        metavar="URL",
+        help="a decode instance, http://host:port (repeat; order = partition)",
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        dest="models",
+        metavar="NAME",
+        help="served model name (repeat); default: learned from the engines' /v1/models; others get 404",
+    )
+    for flag, dest, kind, text in _FLAGS:
+        p.add_argument(flag, dest=dest, type=kind, default=None, help=text)
+    p.set_defaults(func=run)
+
+
+def load_config(args: argparse.Namespace) -> Any:
+    from eldr.proxy.config import build_config, read_yaml
+
+    file_values = read_yaml(args.config) if args.config else {}
+    flags = {dest: getattr(args, dest) for _, dest, _, _ in _FLAGS}
+    flags.update(prefill=args.prefill, decode=args.decode, models=args.models)
+    return build_config(file_values, flags)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from eldr.proxy.app import build_app
+    except ImportError as exc:
+        raise ConfigError(f"eldr serve needs the serve extra (pip install 'eldr[serve]'): {exc}") from exc
+    from eldr.partition import Partition
+
+    config = load_config(args)
+    partition = Partition.load(config.partition) if config.partition and config.policy == "eldr" else None
+    app = build_app(config, partition)
+    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level, access_log=False)
+    return 0

@@ -1,0 +1,107 @@
+"""Admin endpoints (enabled only with an admin token; send `Authorization: Bearer <token>`).
+
+    GET  /admin/workers              every instance: URL, role, in-flight, health, draining
+    POST /admin/decode        {"url"} add a decode instance (health-checked like the others)
+    POST /admin/decode/drain  {"url"} stop routing to a decode instance; it is removed, with its
+                                      centroid, once its in-flight requests finish
+
+A new instance takes a copy of the busiest instance's centroid (see `eldr.proxy.routing`); with
+online refit on, the next refit spreads the centroids over the enlarged pool.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from eldr.errors import ConfigError
+from eldr.proxy.config import check_url
+from eldr.proxy.openai_errors import ProxyError, error_response
+from eldr.proxy.workers import Worker
+
+
+def admin_routes() -> list[Route]:
+    return [
+        Route("/admin/workers", _workers, methods=["GET"]),
+        Route("/admin/decode", _add_decode, methods=["POST"]),
+        Route("/admin/decode/drain", _drain_decode, methods=["POST"]),
+    ]
+
+
+def _authorized(request: Request) -> ProxyError | None:
+    token = request.app.state.proxy.config.admin_token
+    if token is None:
+        return ProxyError(404, "admin endpoints are disabled (no admin token configured)", "not_found")
+    given = request.headers.get("authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        return ProxyError(401, "missing or wrong admin token", "authentication_error")
+    return None
+
+
+def _describe(worker: Worker) -> dict[str, Any]:
+    return {
+        "url": worker.url,
+        "role": worker.role,
+        "in_flight": worker.in_flight,
+        "healthy": worker.is_healthy,
+        "draining": worker.is_draining,
+        "engine_load": worker.engine_load,
+    }
+
+
+async def _workers(request: Request) -> Response:
+    if (denied := _authorized(request)) is not None:
+        return error_response(denied)
+    state = request.app.state.proxy
+    return JSONResponse({"workers": [_describe(w) for w in state.all_workers()]})
+
+
+async def _url_of(request: Request) -> str:
+    try:
+        body = json.loads(await request.body())
+        return check_url(str(body["url"]))
+    except (ValueError, KeyError, TypeError) as exc:
+        message = str(exc) if isinstance(exc, ConfigError) else 'body must be {"url": "http://host:port"}'
+        raise ProxyError(400, message, "invalid_request_error") from None
+
+
+async def _add_decode(request: Request) -> Response:
+    if (denied := _authorized(request)) is not None:
+        return error_response(denied)
+    state = request.app.state.proxy
+    try:
+        url = await _url_of(request)
+    except ProxyError as exc:
+        return error_response(exc)
+    if state.decode.index_of(url) is not None:
+        return error_response(ProxyError(409, f"decode instance {url} is already in the pool", "conflict"))
+    state.decode.workers.append(Worker(url, "decode"))
+    state.router.add_centroid()
+    state.metrics.healthy.labels("decode", url).set(1.0)
+    await state.check_health()
+    return JSONResponse({"added": url, "decode": len(state.decode)})
+
+
+async def _drain_decode(request: Request) -> Response:
+    if (denied := _authorized(request)) is not None:
+        return error_response(denied)
+    state = request.app.state.proxy
+    try:
+        url = await _url_of(request)
+    except ProxyError as exc:
+        return error_response(exc)
+    index = state.decode.index_of(url)
+    if index is None:
+        return error_response(ProxyError(404, f"no decode instance {url}", "not_found"))
+    if sum(not w.is_draining for w in state.decode.workers) <= 1:
+        return error_response(ProxyError(409, "cannot drain the last decode instance", "conflict"))
+    worker = state.decode.workers[index]
+    worker.is_draining = True
+    state.metrics.healthy.labels("decode", url).set(0.0)
+    state.reap_drained()
+    return JSONResponse({"draining": url, "in_flight": worker.in_flight})

@@ -1,0 +1,63 @@
+"""Admission control: at most `max_concurrency` requests inside, at most `max_queue` waiting.
+
+A request over the queue limit is refused at once (429); one that waited `queue_timeout_s` for a
+slot is refused then (503). Both answers carry `Retry-After`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+
+class Rejected(Exception):
+    """Admission refused; `status` is 429 (queue full) or 503 (waited too long)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class Admission:
+    """A FIFO semaphore with a bounded queue and a wait limit."""
+
+    def __init__(self, max_concurrency: int, max_queue: int, queue_timeout_s: float) -> None:
+        self.max_concurrency = max_concurrency
+        self.max_queue = max_queue
+        self.queue_timeout_s = queue_timeout_s
+        self.active = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    async def acquire(self) -> None:
+        if self.active < self.max_concurrency and not self._waiters:
+            self.active += 1
+            return
+        if len(self._waiters) >= self.max_queue:
+            raise Rejected(429, "queue_full")
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), self.queue_timeout_s)
+        except (TimeoutError, asyncio.CancelledError) as exc:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # the slot was handed over just as we gave up: pass it on
+            else:
+                waiter.cancel()
+                self._waiters.remove(waiter)
+            if isinstance(exc, TimeoutError):
+                raise Rejected(503, "queue_timeout") from None
+            raise
+
+    def release(self) -> None:
+        """Hand the slot to the oldest waiter, or free it."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self.active -= 1

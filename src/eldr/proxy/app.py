@@ -1,0 +1,195 @@
+"""The Starlette app: OpenAI-compatible endpoints in front of vLLM prefill and decode instances.
+
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics,
+and /admin/* (only with an admin token). Every failure the proxy answers itself is an OpenAI-style
+error body; broad exceptions are caught only here, at the edge, and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from eldr.errors import EldrError
+from eldr.partition import Partition
+from eldr.proxy.admin import admin_routes
+from eldr.proxy.admission import Rejected
+from eldr.proxy.config import ServeConfig
+from eldr.proxy.forwarding import ClientRequest, RelayResponse, UpstreamRefused, new_request_id
+from eldr.proxy.openai_errors import ProxyError, error_response
+from eldr.proxy.state import ProxyState
+
+log = logging.getLogger("eldr.proxy")
+
+
+def build_app(config: ServeConfig, partition: Partition | None) -> Starlette:
+    """The ASGI app; its lifespan opens the shared HTTP client and starts the health checks."""
+    state = ProxyState(config, partition)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await state.start()
+        try:
+            yield
+        finally:
+            await state.stop()
+
+    routes = [
+        Route("/v1/completions", _generate, methods=["POST"]),
+        Route("/v1/chat/completions", _generate, methods=["POST"]),
+        Route("/v1/models", _models, methods=["GET"]),
+        Route("/health", _health, methods=["GET"]),
+        Route("/metrics", _metrics, methods=["GET"]),
+        *admin_routes(),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.proxy = state
+    return app
+
+
+def _state(request: Request) -> ProxyState:
+    state: ProxyState = request.app.state.proxy
+    return state
+
+
+async def _generate(request: Request) -> Response:
+    state = _state(request)
+    endpoint = request.url.path
+    started = time.perf_counter()
+    response: Response
+    try:
+        client_request = await _parse(request, state)
+        await state.admission.acquire()
+    except ProxyError as exc:
+        response = error_response(exc)
+    except Rejected as exc:
+        state.metrics.rejections.labels(exc.reason).inc()
+        message = "too many requests queued" if exc.status == 429 else "timed out waiting for a free slot"
+        response = error_response(ProxyError(exc.status, message, "rate_limit_exceeded", retry_after_s=1))
+    except ClientDisconnect:
+        state.metrics.disconnects.inc()
+        return Response(status_code=499)
+    else:
+        response = await _admitted(request, state, client_request)
+        if isinstance(response, RelayResponse):
+            response.on_close.append(state.admission.release)
+            response.on_close.append(lambda: _observe(state, endpoint, response.status_code, started))
+            return response
+        state.admission.release()
+    _observe(state, endpoint, response.status_code, started)
+    return response
+
+
+async def _admitted(request: Request, state: ProxyState, client_request: ClientRequest) -> Response:
+    assert state.forwarder is not None
+    try:
+        return await _unless_disconnected(request, state.forwarder.handle(client_request))
+    except ProxyError as exc:
+        return error_response(exc)
+    except UpstreamRefused as exc:
+        return exc.response
+    except ClientDisconnect:
+        state.metrics.disconnects.inc()
+        return Response(status_code=499)
+    except EldrError as exc:
+        log.error("request %s failed: %s", client_request.request_id, exc)
+        return error_response(ProxyError(500, str(exc), "internal_error"))
+    except Exception:  # the edge: one clear error and a log line, never a dropped connection
+        log.exception("request %s failed unexpectedly", client_request.request_id)
+        return error_response(ProxyError(500, "internal proxy error", "internal_error"))
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[Response]) -> Response:
+    """Run `work`, cancelling it (and so its upstream requests) if the client goes away first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request.receive))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    try:
+        result = await task
+    except asyncio.CancelledError:
+        raise ClientDisconnect() from None
+    if isinstance(result, RelayResponse):  # finished just as the client left: release it
+        await result.discard()
+    raise ClientDisconnect()
+
+
+async def _disconnected(receive: Callable[[], Awaitable[Any]]) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _parse(request: Request, state: ProxyState) -> ClientRequest:
+    config = state.config
+    if config.api_key is not None:
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {config.api_key}".encode()):
+            raise ProxyError(
+                401, "missing or wrong API key (send Authorization: Bearer <key>)", "authentication_error"
+            )
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > config.max_body_bytes:
+        raise ProxyError(413, f"request body over {config.max_body_bytes} bytes", "invalid_request_error")
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > config.max_body_bytes:
+            raise ProxyError(413, f"request body over {config.max_body_bytes} bytes", "invalid_request_error")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProxyError(400, f"request body is not valid JSON: {exc}", "invalid_request_error") from None
+    if not isinstance(body, dict):
+        raise ProxyError(400, "request body must be a JSON object", "invalid_request_error")
+    model = body.get("model")
+    known = state.known_models()
+    if model is not None and known and model not in known:
+        raise ProxyError(404, f"The model `{model}` does not exist.", "NotFoundError", param="model")
+    body.pop("kv_transfer_params", None)  # the protocol's field is the proxy's to set
+    request_id = request.headers.get("x-request-id") or new_request_id()
+    return ClientRequest(request.url.path, body, request_id, request.headers.get("authorization"))
+
+
+def _observe(state: ProxyState, endpoint: str, status: int, started: float) -> None:
+    state.metrics.requests.labels(endpoint, str(status)).inc()
+    state.metrics.request_seconds.labels(endpoint, str(status)).observe(time.perf_counter() - started)
+
+
+async def _models(request: Request) -> Response:
+    created = int(time.time())
+    data = [
+        {"id": m, "object": "model", "created": created, "owned_by": "eldr"}
+        for m in _state(request).known_models()
+    ]
+    return JSONResponse({"object": "list", "data": data})
+
+
+async def _health(request: Request) -> Response:
+    state = _state(request)
+    prefill, decode = state.prefill.num_healthy(), state.decode.num_healthy()
+    body = {
+        "status": "ok" if prefill and decode else "unavailable",
+        "prefill": {"healthy": prefill, "total": len(state.prefill)},
+        "decode": {"healthy": decode, "total": len(state.decode)},
+    }
+    return JSONResponse(body, 200 if prefill and decode else 503)
+
+
+async def _metrics(request: Request) -> Response:
+    return Response(_state(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -1,0 +1,81 @@
+"""Active health checks: eject an instance after `eject_after` failed checks, bring it back after
+`recover_after` good ones. A check is `GET /health` answering 200 within `health_timeout_s`. With the
+blended load signal the same round scrapes `vllm:num_requests_running` and `vllm:num_requests_waiting`
+from the engine's `/metrics`; the first good check of an instance also reads its `/v1/models`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+
+import httpx
+
+from eldr.proxy.metrics import Metrics
+from eldr.proxy.workers import Worker
+
+log = logging.getLogger("eldr.proxy")
+
+_GAUGE = re.compile(rb"^vllm:num_requests_(running|waiting)(?:\{[^}]*\})?\s+([0-9.eE+-]+)", re.MULTILINE)
+
+
+def parse_engine_load(text: bytes) -> int | None:
+    """running + waiting requests from a vLLM /metrics page (summed over label sets), or None."""
+    found = _GAUGE.findall(text)
+    if not found:
+        return None
+    return int(sum(float(value) for _, value in found))
+
+
+async def check_worker(
+    client: httpx.AsyncClient, worker: Worker, *, timeout_s: float, is_blended: bool
+) -> bool:
+    """One check of one instance; True when healthy. Never raises (except cancellation)."""
+    try:
+        response = await client.get(worker.url + "/health", timeout=timeout_s)
+        if response.status_code != 200:
+            return False
+        if is_blended:
+            scraped = await client.get(worker.url + "/metrics", timeout=timeout_s)
+            worker.engine_load = parse_engine_load(scraped.content) if scraped.status_code == 200 else None
+        if not worker.models:
+            listed = await client.get(worker.url + "/v1/models", timeout=timeout_s)
+            if listed.status_code == 200:
+                data = listed.json().get("data", [])
+                worker.models = tuple(str(m.get("id")) for m in data if isinstance(m, dict))
+        return True
+    except (httpx.HTTPError, OSError, ValueError, AttributeError):
+        return False
+
+
+def record(worker: Worker, is_ok: bool, *, eject_after: int, recover_after: int, metrics: Metrics) -> None:
+    """Update the instance's health state from one check."""
+    if is_ok:
+        worker.failed_checks, worker.good_checks = 0, worker.good_checks + 1
+        if not worker.is_healthy and worker.good_checks >= recover_after:
+            worker.is_healthy = True
+            log.warning("%s instance %s recovered", worker.role, worker.url)
+    else:
+        worker.good_checks, worker.failed_checks = 0, worker.failed_checks + 1
+        if worker.is_healthy and worker.failed_checks >= eject_after:
+            worker.is_healthy = False
+            log.warning("%s instance %s ejected after %d failed checks", worker.role, worker.url, eject_after)
+    metrics.healthy.labels(worker.role, worker.url).set(1.0 if worker.is_routable else 0.0)
+
+
+async def check_all(
+    client: httpx.AsyncClient,
+    workers: list[Worker],
+    *,
+    timeout_s: float,
+    is_blended: bool,
+    eject_after: int,
+    recover_after: int,
+    metrics: Metrics,
+) -> None:
+    results = await asyncio.gather(
+        *(check_worker(client, w, timeout_s=timeout_s, is_blended=is_blended) for w in workers)
+    )
+    for worker, is_ok in zip(workers, results, strict=True):
+        record(worker, is_ok, eject_after=eject_after, recover_after=recover_after, metrics=metrics)
