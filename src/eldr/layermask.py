@@ -14,6 +14,8 @@ candidate layer at once from `[P, L]` per-layer tables, and ranks all candidates
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,14 +70,24 @@ def standardize_rows(ranks: FloatArray) -> FloatArray:
 
 
 def _per_layer_tables(
-    weighted: FloatArray, pairs: npt.NDArray[np.int64], chunk: int = 2048
+    weighted: FloatArray, pairs: npt.NDArray[np.int64], chunk: int = 128
 ) -> tuple[FloatArray, FloatArray]:
-    """`dots [L, P]`: per-layer dot products of each pair; `norms_sq [L, N]`: per-layer squared norms."""
+    """`dots [L, P]`: per-layer dot products of each pair; `norms_sq [L, N]`: per-layer squared norms.
+
+    Pairs are gathered in small chunks into reused buffers: the work is memory-bound, and cache-sized
+    chunks without fresh allocations run about 3x faster than large ones.
+    """
     norms_sq = np.einsum("nle,nle->ln", weighted, weighted)
-    dots = np.empty((weighted.shape[1], pairs.shape[0]), dtype=np.float32)
-    for start in range(0, pairs.shape[0], chunk):
+    num_pairs = pairs.shape[0]
+    dots = np.empty((weighted.shape[1], num_pairs), dtype=np.float32)
+    left = np.empty((chunk, *weighted.shape[1:]), dtype=np.float32)
+    right = np.empty_like(left)
+    for start in range(0, num_pairs, chunk):
         p = pairs[start : start + chunk]
-        dots[:, start : start + chunk] = np.einsum("ple,ple->lp", weighted[p[:, 0]], weighted[p[:, 1]])
+        m = p.shape[0]
+        np.take(weighted, p[:, 0], axis=0, out=left[:m])
+        np.take(weighted, p[:, 1], axis=0, out=right[:m])
+        dots[:, start : start + m] = np.einsum("ple,ple->lp", left[:m], right[:m])
     return dots, np.ascontiguousarray(norms_sq, dtype=np.float32)
 
 
@@ -93,17 +105,19 @@ def select_layers(
     *,
     num_pairs: int = 30_000,
     seed: int = 1,
+    num_threads: int | None = None,
 ) -> LayerMask:
     """Greedy forward selection of layers (see module docstring).
 
     `weighted_prefill` is IDF-weighted prefill counts `[N, L, E]`; `decode_counts` is `[N, L, E]`.
     """
+    num_threads = num_threads or min(4, os.cpu_count() or 1)
     num_requests, num_layers, _ = weighted_prefill.shape
     pairs = sample_pairs(num_requests, num_pairs, seed)
     left, right = pairs[:, 0], pairs[:, 1]
-    decode = decode_counts.reshape(num_requests, -1).astype(np.float32)
-    d_dot = np.einsum("pd,pd->p", decode[left], decode[right])
-    d_nsq = np.einsum("nd,nd->n", decode, decode)
+    decode = decode_counts.reshape(num_requests, 1, -1).astype(np.float32)  # all layers as one
+    d_dots, d_norms_sq = _per_layer_tables(decode, pairs)
+    d_dot, d_nsq = d_dots[0], d_norms_sq[0]
     # ranks of similarity instead of distance: rho(sim, sim) = rho(1 - sim, 1 - sim)
     target = _cosine(d_dot, d_nsq[left], d_nsq[right])
     target_z = standardize_rows(rank_rows(target[None, :]))[0]  # [P]
@@ -116,17 +130,23 @@ def select_layers(
     remaining = list(range(num_layers))
     order: list[int] = []
     curve: list[float] = []
-    while remaining:
-        cand = np.asarray(remaining)
+
+    def score(cand: npt.NDArray[np.int64]) -> FloatArray:
         sims = _cosine(dots[cand] + acc_dot, nsq_i[cand] + acc_i, nsq_j[cand] + acc_j)
-        rho = standardize_rows(rank_rows(sims)) @ target_z  # [C]
-        best = int(np.argmax(rho))
-        layer = int(cand[best])
-        order.append(layer)
-        curve.append(float(rho[best]))
-        remaining.remove(layer)
-        acc_dot += dots[layer]
-        acc_i += nsq_i[layer]
-        acc_j += nsq_j[layer]
+        return standardize_rows(rank_rows(sims)) @ target_z  # [C] Spearman rho per candidate
+
+    with ThreadPoolExecutor(max_workers=num_threads) as pool:  # numpy releases the GIL here
+        while remaining:
+            cand = np.asarray(remaining)
+            parts = np.array_split(cand, min(num_threads, max(1, cand.size // 4)))
+            rho = np.concatenate(list(pool.map(score, parts)))
+            best = int(np.argmax(rho))
+            layer = int(cand[best])
+            order.append(layer)
+            curve.append(float(rho[best]))
+            remaining.remove(layer)
+            acc_dot += dots[layer]
+            acc_i += nsq_i[layer]
+            acc_j += nsq_j[layer]
     peak = int(np.argmax(curve))
     return LayerMask(tuple(order[: peak + 1]), tuple(order), tuple(curve))
