@@ -1,0 +1,331 @@
+"""Build a Task-like trace from the real expert routing of OLMoE-1B-7B (`eldr trace build olmoe`).
+
+Source data (`../shared/data`, see its README): allenai/OLMoE's routing analysis (Apache-2.0) records
+the real top-8 of OLMoE-1B-7B (64 experts, 16 MoE layers) at layers 0, 7 and 15 for the first 208,896
+tokens of four domain texts, as counts per (token id, expert); the texts and the tokenizer come along.
+
+Method, per domain:
+1. Tokenize the text with the shipped tokenizer (no special tokens) and keep its first 208,896 tokens,
+   the positions that have routing data. Later tokens are never used.
+2. Route every kept position once: its top-8 per recorded layer is drawn without replacement from its
+   token id's routing distribution in that domain (`sampling.systematic_topk`; each expert's inclusion
+   probability is exactly the share of that id's occurrences routed to it, so a token seen once gets its
+   recorded top-8). An id absent from the routing file (tokenizer drift) falls back to the domain's
+   per-expert shares over all its tokens; the number of such positions is kept in the trace's meta.
+   Every request window over a position sees the same draw, as a model routes the same text alike.
+3. Split the positions: the first `calibration_fraction` of them serve calibration requests only, the
+   rest evaluation requests only, so the two sets never share text.
+4. A request is a prompt window and, right after it, an output window that stands for the generated
+   tokens, at a uniform random start inside its region; lengths come from Azure 2023 rows clipped to
+   [1, max_prompt] and [1, max_output] (and, if still too long, the prompt is cut to fit the region).
+   Its counts are prefix-sum differences of the routed positions: conservation holds by construction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from eldr import __version__
+from eldr.errors import ConfigError, InputFileError, InvalidInputError
+from eldr.trace.format import Trace
+from eldr.trace.sampling import systematic_topk
+from eldr.trace.workload import AZURE_KINDS, allocate, load_azure, poisson_arrivals, replay_rows
+
+DOMAINS = ("arxiv", "book", "github", "wikipedia")
+ROUTED_TOKENS = 208_896  # tokens per domain text with routing data (102 chunks of 2048)
+LAYERS = (0, 7, 15)
+NUM_MODEL_LAYERS = 16
+NUM_EXPERTS = 64
+TOP_K = 8
+# the paper's Task workload sizes (legal 3600, code 2779, math 2744, medical 2545) given to our four
+# domains: the biggest to books, code to GitHub, math to arXiv, the smallest to Wikipedia
+PAPER_MIX = (("book", 3600.0), ("github", 2779.0), ("arxiv", 2744.0), ("wikipedia", 2545.0))
+ATTRIBUTION = (
+    "Expert routing, texts and tokenizer: allenai/OLMoE (OLMoE-1B-7B routing analysis), Apache-2.0. "
+    "Request lengths and arrivals: Azure LLM inference trace 2023 (Azure/AzurePublicDataset), CC-BY-4.0."
+)
+
+
+@dataclass(frozen=True)
+class OlmoeConfig:
+    num_requests: int
+    num_calibration: int = 1000
+    rate: float = 60.0
+    is_replay: bool = False
+    azure: str = "conv"
+    max_prompt: int = 1024
+    max_output: int = 512
+    calibration_fraction: float = 0.2
+    mix: tuple[tuple[str, float], ...] = PAPER_MIX
+    seed: int = 0
+    is_exact_decode: bool = False
+
+    def __post_init__(self) -> None:
+        if self.num_requests < 1:
+            raise ConfigError(f"number of requests must be >= 1, got {self.num_requests}")
+        if not 0 <= self.num_calibration <= self.num_requests:
+            raise ConfigError(
+                f"calibration requests must lie in [0, {self.num_requests}], got {self.num_calibration}"
+            )
+        if self.azure not in AZURE_KINDS:
+            raise ConfigError(f"azure trace must be one of {AZURE_KINDS}, got {self.azure!r}")
+        if self.max_prompt < 1 or self.max_output < 1:
+            raise ConfigError("max_prompt and max_output must be >= 1")
+        if not 0.0 < self.calibration_fraction < 1.0:
+            raise ConfigError(f"calibration fraction must lie in (0, 1), got {self.calibration_fraction}")
+        if not self.is_replay and not (self.rate > 0 and np.isfinite(self.rate)):
+            raise ConfigError(f"request rate must be a positive number, got {self.rate}")
+        names = [name for name, _ in self.mix]
+        unknown = sorted(set(names) - set(DOMAINS))
+        if unknown or len(set(names)) != len(names) or not names:
+            raise ConfigError(f"mix must name distinct domains among {DOMAINS}, got {names}")
+        if any(weight < 0 for _, weight in self.mix) or sum(weight for _, weight in self.mix) <= 0:
+            raise ConfigError("mix weights must be non-negative with a positive sum")
+
+
+def parse_mix(text: str) -> tuple[tuple[str, float], ...]:
+    """`book=3600,github=2779` -> (("book", 3600.0), ("github", 2779.0))."""
+    pairs: list[tuple[str, float]] = []
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = float("nan")
+        if not sep or not np.isfinite(weight):
+            raise ConfigError(f"mix entry {item!r} is not DOMAIN=WEIGHT (e.g. book=3600,github=2779)")
+        pairs.append((name.strip(), weight))
+    return tuple(pairs)
+
+
+@dataclass(frozen=True)
+class RoutedText:
+    """One domain's text, routed once: top-k ids per position and their prefix sums."""
+
+    topk: npt.NDArray[np.uint8]  # [P, L, k]
+    num_fallback: int  # positions whose token id had no routing data
+    num_tokenized: int  # tokens in the (prefix of the) text that was tokenized
+
+    @property
+    def num_positions(self) -> int:
+        return int(self.topk.shape[0])
+
+
+def routing_probabilities(
+    token_ids: npt.NDArray[np.integer],
+    expert_ids: npt.NDArray[np.integer],
+    counts: npt.NDArray[np.integer],
+    vocab_size: int,
+    top_k: int = TOP_K,
+    num_experts: int = NUM_EXPERTS,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_]]:
+    """Per token id, the probability that one occurrence routes to each expert: [V, E], and has-data [V].
+
+    Ids without data get the layer's per-expert shares over all tokens (also summing to top_k).
+    """
+    if np.any(token_ids < 0) or np.any(expert_ids < 0) or np.any(expert_ids >= num_experts):
+        raise InputFileError("routing file holds out-of-range token or expert ids")
+    size = max(vocab_size, int(token_ids.max()) + 1 if token_ids.size else 0)
+    table = np.zeros((size, num_experts), dtype=np.float64)
+    np.add.at(table, (token_ids, expert_ids), counts)
+    occurrences = table.sum(axis=1) / top_k
+    has_data = occurrences > 0
+    total = table.sum(axis=0)
+    shares = total / total.sum() * top_k
+    if np.any(shares > 1.0 + 1e-9):  # pragma: no cover - never seen in the real data
+        raise InputFileError("an expert takes more than every token: the routing file is inconsistent")
+    table[has_data] /= occurrences[has_data, None]
+    table[~has_data] = shares
+    if np.any(table > 1.0 + 1e-9):
+        raise InputFileError("a token id routes to one expert more often than it occurs: inconsistent file")
+    return table, has_data
+
+
+def route_positions(
+    token_ids: npt.NDArray[np.integer], routing: dict[str, npt.NDArray[Any]], rng: np.random.Generator
+) -> tuple[npt.NDArray[np.uint8], int]:
+    """Draw each position's top-k per recorded layer: [P, L, k] and the number of fallback positions."""
+    vocab = int(token_ids.max()) + 1
+    topk = np.empty((token_ids.shape[0], len(LAYERS), TOP_K), dtype=np.uint8)
+    fallback = np.zeros(token_ids.shape[0], dtype=bool)
+    for idx, layer in enumerate(LAYERS):
+        try:
+            ids, experts, counts = (
+                routing[f"layer{layer}_{name}"] for name in ("token_id", "expert_id", "count")
+            )
+        except KeyError as exc:
+            raise InputFileError(f"routing file lacks {exc.args[0]}") from exc
+        table, has_data = routing_probabilities(ids, experts, counts, vocab)
+        fallback |= ~has_data[token_ids]
+        topk[:, idx] = systematic_topk(table[token_ids], TOP_K, rng)
+    return topk, int(fallback.sum())
+
+
+def prefix_counts(topk: npt.NDArray[np.uint8]) -> npt.NDArray[np.int32]:
+    """[P, L, k] top-k ids -> [P + 1, L, E] running counts (row p counts positions < p)."""
+    num_positions, num_layers, _ = topk.shape
+    cumulative = np.zeros((num_positions + 1, num_layers, NUM_EXPERTS), dtype=np.int32)
+    rows = np.arange(1, num_positions + 1)[:, None, None]
+    cols = np.arange(num_layers)[None, :, None]
+    cumulative[rows, cols, topk] = 1
+    np.cumsum(cumulative, axis=0, out=cumulative)
+    return cumulative
+
+
+def tokenize_prefix(text: str, tokenizer: Any, num_tokens: int) -> npt.NDArray[np.int64]:
+    """The first `num_tokens` token ids of `text` (or all, if fewer), tokenizing only a prefix."""
+    num_chars = 5 * num_tokens
+    while True:
+        ids = np.asarray(tokenizer.encode(text[:num_chars], add_special_tokens=False).ids, dtype=np.int64)
+        # a cut can only change the tokens of the last word: keep a margin of 256 tokens
+        if num_chars >= len(text) or ids.shape[0] >= num_tokens + 256:
+            return ids[:num_tokens]
+        num_chars *= 2
+
+
+def route_domain(data_dir: Path, domain: str, tokenizer: Any, rng: np.random.Generator) -> RoutedText:
+    text_path = data_dir / "olmoe" / "text" / f"{domain}.txt"
+    routing_path = data_dir / "olmoe" / f"token_routing_{domain}.npz"
+    try:
+        text = text_path.read_text(encoding="utf-8")
+        with np.load(routing_path, allow_pickle=False) as data:
+            routing = {name: data[name] for name in data.files}
+    except (OSError, ValueError) as exc:
+        raise InputFileError(f"cannot read OLMoE data for {domain}: {exc}") from exc
+    token_ids = tokenize_prefix(text, tokenizer, ROUTED_TOKENS)
+    if token_ids.shape[0] < 2:
+        raise InputFileError(f"{text_path} holds fewer than 2 tokens")
+    topk, num_fallback = route_positions(token_ids, routing, rng)
+    return RoutedText(topk=topk, num_fallback=num_fallback, num_tokenized=int(token_ids.shape[0]))
+
+
+def load_tokenizer(data_dir: Path) -> Any:
+    try:
+        from tokenizers import Tokenizer
+    except ImportError as exc:
+        raise ConfigError("building OLMoE traces needs the tokenizer: pip install 'eldr[trace]'") from exc
+    path = data_dir / "olmoe" / "tokenizer.json"
+    if not path.is_file():
+        raise InputFileError(f"{path} not found: is --data-dir the shared data folder (../shared/data)?")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # the tokenizers library raises its own untyped errors
+        raise InputFileError(f"cannot load tokenizer {path}: {exc}") from exc
+
+
+def build_olmoe_trace(
+    data_dir: str | Path, config: OlmoeConfig, on_step: Callable[[str], None] | None = None
+) -> Trace:
+    """Build the trace; `on_step(description)` is called after each unit of work (for progress bars)."""
+    data_dir = Path(data_dir)
+    step = on_step or (lambda _: None)
+    rng = np.random.default_rng(config.seed)
+    tokenizer = load_tokenizer(data_dir)
+    azure = load_azure(data_dir / "workloads" / f"azure2023_{config.azure}.csv")
+    mix = dict(config.mix)
+    active = [name for name, weight in config.mix if weight > 0]
+    n, m = config.num_requests, config.num_calibration
+    if config.is_replay:
+        rows, arrival = replay_rows(azure, n)
+    else:
+        rows = rng.integers(0, azure.num_rows, size=n)
+        arrival = poisson_arrivals(n, config.rate, rng)
+    raw_prompt, raw_output = azure.prompt_tokens[rows], azure.output_tokens[rows]
+    prompt = np.clip(raw_prompt, 1, config.max_prompt)
+    output = np.clip(raw_output, 1, config.max_output)
+    is_calibration = np.arange(n) < m  # the first m arrivals calibrate, the rest are evaluated
+    domain = np.empty(n, dtype=f"<U{max(len(d) for d in DOMAINS)}")
+    for part, size in ((is_calibration, m), (~is_calibration, n - m)):
+        alloc = allocate({name: mix[name] for name in active}, size)
+        labels = np.repeat(np.array(active), [alloc[name] for name in active])
+        domain[part] = rng.permutation(labels)
+
+    prefill = np.zeros((n, len(LAYERS), NUM_EXPERTS), dtype=np.int64)
+    decode = np.zeros_like(prefill)
+    starts = np.zeros(n, dtype=np.int64)
+    num_cut = 0
+    routed: dict[str, RoutedText] = {}
+    for name in active:
+        text = route_domain(
+            data_dir, name, tokenizer, np.random.default_rng([config.seed, DOMAINS.index(name)])
+        )
+        routed[name] = text
+        cum = prefix_counts(text.topk)  # [P + 1, L, E]
+        split = int(text.num_positions * config.calibration_fraction)
+        for part, lo, hi in ((is_calibration, 0, split), (~is_calibration, split, text.num_positions)):
+            idx = np.flatnonzero(part & (domain == name))
+            if idx.size == 0:
+                continue
+            if hi - lo < 2:
+                raise InvalidInputError(f"{name}: a text region of {hi - lo} tokens cannot hold a request")
+            output[idx] = np.minimum(output[idx], hi - lo - 1)
+            too_long = prompt[idx] + output[idx] > hi - lo
+            num_cut += int(too_long.sum())
+            prompt[idx] = np.minimum(prompt[idx], hi - lo - output[idx])
+            span = prompt[idx] + output[idx]
+            start = lo + (rng.random(idx.size) * (hi - lo - span + 1)).astype(np.int64)
+            prefill[idx] = cum[start + prompt[idx]] - cum[start]
+            decode[idx] = cum[start + span] - cum[start + prompt[idx]]
+            starts[idx] = start
+        del cum
+        step(f"routed {name}")
+
+    decode_topk = decode_offsets = None
+    if config.is_exact_decode:
+        decode_offsets = np.concatenate([[0], np.cumsum(output)]).astype(np.int64)
+        chunks = [
+            routed[str(domain[i])].topk[starts[i] + prompt[i] : starts[i] + prompt[i] + output[i]]
+            for i in range(n)
+        ]
+        decode_topk = (
+            np.concatenate(chunks, axis=0) if chunks else np.zeros((0, len(LAYERS), TOP_K), np.uint8)
+        )
+    count_dtype = (
+        np.uint16 if max(int(prompt.max()), int(output.max())) <= np.iinfo(np.uint16).max else np.int32
+    )
+    meta: dict[str, Any] = {
+        "source": "olmoe",
+        "builder": f"eldr {__version__} trace build olmoe",
+        "attribution": ATTRIBUTION,
+        "model": "allenai/OLMoE-1B-7B (64 experts, top-8, 16 MoE layers)",
+        "config": {
+            "num_requests": n,
+            "num_calibration": m,
+            "arrivals": "azure-replay" if config.is_replay else f"poisson {config.rate} req/s",
+            "azure": config.azure,
+            "max_prompt": config.max_prompt,
+            "max_output": config.max_output,
+            "calibration_fraction": config.calibration_fraction,
+            "mix": dict(config.mix),
+            "seed": config.seed,
+            "exact_decode": config.is_exact_decode,
+        },
+        "clipping": {
+            "prompt_clipped": int(np.sum(raw_prompt > config.max_prompt)),
+            "output_clipped": int(np.sum(raw_output > config.max_output)),
+            "cut_to_fit_region": num_cut,
+        },
+        "fallback_positions": {name: routed[name].num_fallback for name in active},
+        "routed_positions": {name: routed[name].num_positions for name in active},
+    }
+    return Trace(
+        prefill_counts=prefill.astype(count_dtype),
+        decode_counts=decode.astype(count_dtype),
+        prompt_tokens=prompt.astype(np.int64),
+        output_tokens=output.astype(np.int64),
+        arrival_s=arrival.astype(np.float64),
+        top_k=TOP_K,
+        layers=np.array(LAYERS, dtype=np.int64),
+        num_model_layers=NUM_MODEL_LAYERS,
+        domain=domain,
+        calibration=is_calibration,
+        decode_topk=decode_topk,
+        decode_offsets=decode_offsets,
+        meta=meta,
+    )
