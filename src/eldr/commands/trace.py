@@ -199,7 +199,7 @@ def _describe(values: np.ndarray[Any, Any]) -> dict[str, float]:
 
 def summarise(trace: Trace, batch_sizes: list[int], num_steps: int, seed: int) -> dict[str, Any]:
     """Everything `trace info` prints, as one JSON-ready dict."""
-    from eldr.trace.stats import batch_locality, correlations
+    from eldr.trace.stats import batch_locality, conservation_violations, correlations
 
     domains: dict[str, int] = {}
     if trace.domain is not None:
@@ -225,6 +225,7 @@ def summarise(trace: Trace, batch_sizes: list[int], num_steps: int, seed: int) -
         "layers": trace.layers.tolist(),
         "num_model_layers": trace.num_model_layers,
         "has_exact_decode": trace.decode_topk is not None,
+        "conservation_violations": conservation_violations(trace),
         "domains": domains,
         "prompt_tokens": _describe(trace.prompt_tokens),
         "output_tokens": _describe(trace.output_tokens),
@@ -264,6 +265,11 @@ def _print_info(path: str, info: dict[str, Any]) -> None:
         f"{path}: N={info['num_requests']} ({info['num_calibration']} calibration)  L={info['num_layers']} "
         f"(layers {info['layers']} of {info['num_model_layers']})  E={info['num_experts']}  "
         f"k={info['top_k']}  exact decode: {'yes' if info['has_exact_decode'] else 'no'}"
+    )
+    bad = info["conservation_violations"]
+    console.print(
+        "conservation (counts = tokens x k in every layer): "
+        + ("holds for every request" if bad == 0 else f"violated by {bad} requests")
     )
     rate = info["mean_rate"]
     console.print(f"arrivals over {info['duration_s']:.1f} s" + (f" (mean {rate:.1f} req/s)" if rate else ""))

@@ -13,7 +13,9 @@ See docs/trace-format.md for the full table. Required arrays:
 
 Optional: `domain` [N] str, `calibration` [N] bool (requests reserved for fitting),
 `decode_topk` [sum(output_tokens), L, k] with `decode_offsets` [N + 1] (exact per-token decode
-choices), `meta` 0-d JSON string (source, attribution, builder settings).
+choices: request i owns rows offsets[i]:offsets[i + 1], as many as its output tokens, and they sum to
+its decode_counts), `text_offset` [N] int (where the request's prompt starts in its source text, for
+builders that cut requests from texts), `meta` 0-d JSON string (source, attribution, builder settings).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ import numpy.typing as npt
 from eldr.errors import InputFileError, InvalidInputError
 from eldr.signature import as_counts
 
+CHECK_ROWS = 262_144  # decode_topk rows per chunk when checking them against decode_counts
+OPTIONAL = ("domain", "calibration", "decode_topk", "decode_offsets", "text_offset")
 REQUIRED = (
     "prefill_counts",
     "decode_counts",
@@ -56,6 +60,7 @@ class Trace:
     calibration: npt.NDArray[np.bool_] | None = None  # [N]
     decode_topk: npt.NDArray[np.integer] | None = None  # [sum(output_tokens), L, k]
     decode_offsets: npt.NDArray[np.int64] | None = None  # [N + 1]
+    text_offset: npt.NDArray[np.int64] | None = None  # [N] prompt start in its source text
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -75,9 +80,7 @@ class Trace:
 
     def save(self, path: str | Path) -> None:
         arrays: dict[str, Any] = {
-            name: getattr(self, name)
-            for name in (*REQUIRED, "domain", "calibration", "decode_topk", "decode_offsets")
-            if getattr(self, name) is not None
+            name: getattr(self, name) for name in (*REQUIRED, *OPTIONAL) if getattr(self, name) is not None
         }
         arrays["meta"] = np.asarray(json.dumps(self.meta, sort_keys=True))
         with open(path, "wb") as fh:
@@ -93,8 +96,16 @@ class Trace:
         missing = [name for name in REQUIRED if name not in arrays]
         if missing:
             raise InputFileError(f"{path} is not an eldr trace: missing {missing}")
-        meta = json.loads(str(arrays.pop("meta"))) if "meta" in arrays else {}
-        known = set(REQUIRED) | {"domain", "calibration", "decode_topk", "decode_offsets"}
+        try:
+            meta = json.loads(str(arrays.pop("meta"))) if "meta" in arrays else {}
+        except json.JSONDecodeError as exc:
+            raise InputFileError(f"{path}: meta is not a JSON string: {exc}") from exc
+        if not isinstance(meta, dict):
+            raise InputFileError(f"{path}: meta must be a JSON object")
+        for name in ("top_k", "num_model_layers"):
+            if arrays[name].shape not in ((), (1,)):
+                raise InputFileError(f"{path}: {name} must be a scalar, got shape {arrays[name].shape}")
+        known = set(REQUIRED) | set(OPTIONAL)
         kwargs = {name: value for name, value in arrays.items() if name in known}
         try:
             return cls(
@@ -138,18 +149,46 @@ def validate(trace: Trace) -> None:
         raise InvalidInputError(
             f"layers {trace.layers.tolist()} do not fit a model of {trace.num_model_layers} layers"
         )
-    for name in ("domain", "calibration"):
+    for name in ("domain", "calibration", "text_offset"):
         arr = getattr(trace, name)
         if arr is not None and arr.shape != (n,):
             raise InvalidInputError(f"{name} has shape {arr.shape}, expected ({n},)")
+    if trace.domain is not None and trace.domain.dtype.kind not in "US":
+        raise InvalidInputError(f"domain must hold strings, got dtype {trace.domain.dtype}")
+    if trace.calibration is not None and trace.calibration.dtype != np.bool_:
+        raise InvalidInputError(f"calibration must be boolean, got dtype {trace.calibration.dtype}")
+    if trace.text_offset is not None and (
+        trace.text_offset.dtype.kind not in "iu" or np.any(trace.text_offset < 0)
+    ):
+        raise InvalidInputError("text_offset must hold non-negative integers")
     if (trace.decode_topk is None) != (trace.decode_offsets is None):
         raise InvalidInputError("decode_topk and decode_offsets come together")
     if trace.decode_offsets is not None and trace.decode_topk is not None:
-        offsets = trace.decode_offsets
-        if offsets.shape != (n + 1,) or offsets[0] != 0 or np.any(np.diff(offsets) < 0):
-            raise InvalidInputError("decode_offsets must be [N + 1], start at 0 and not decrease")
-        if trace.decode_topk.shape[:2] != (int(offsets[-1]), num_layers):
-            raise InvalidInputError(
-                f"decode_topk has shape {trace.decode_topk.shape}, expected "
-                f"[{int(offsets[-1])}, {num_layers}, k]"
-            )
+        _validate_decode_topk(trace, decode)
+
+
+def _validate_decode_topk(trace: Trace, decode: npt.NDArray[np.int64]) -> None:
+    assert trace.decode_offsets is not None and trace.decode_topk is not None
+    n, num_layers, num_experts = decode.shape
+    offsets, topk = trace.decode_offsets, trace.decode_topk
+    if offsets.shape != (n + 1,) or offsets[0] != 0 or np.any(np.diff(offsets) < 0):
+        raise InvalidInputError("decode_offsets must be [N + 1], start at 0 and not decrease")
+    if topk.shape != (int(offsets[-1]), num_layers, trace.top_k):
+        raise InvalidInputError(
+            f"decode_topk has shape {topk.shape}, expected [{int(offsets[-1])}, {num_layers}, {trace.top_k}]"
+        )
+    if not np.array_equal(np.diff(offsets), trace.output_tokens):
+        raise InvalidInputError("decode_offsets must give every request as many rows as its output_tokens")
+    if topk.dtype.kind not in "iu":
+        raise InvalidInputError(f"decode_topk must hold integer expert ids, got dtype {topk.dtype}")
+    if topk.size and (int(topk.min()) < 0 or int(topk.max()) >= num_experts):
+        raise InvalidInputError(f"decode_topk ids must lie in [0, {num_experts})")
+    owner = np.repeat(np.arange(n, dtype=np.int64), np.diff(offsets))  # [T] request of each row
+    counts = np.zeros(n * num_layers * num_experts, dtype=np.int64)
+    layer = np.arange(num_layers)[None, :, None]
+    for start in range(0, owner.size, CHECK_ROWS):  # chunks keep the index arrays small
+        rows = slice(start, start + CHECK_ROWS)
+        flat = (owner[rows, None, None] * num_layers + layer) * num_experts + topk[rows]
+        counts += np.bincount(flat.ravel(), minlength=counts.size)
+    if not np.array_equal(counts.reshape(decode.shape), decode):
+        raise InvalidInputError("decode_topk does not add up to decode_counts")

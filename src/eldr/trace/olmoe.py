@@ -250,6 +250,7 @@ def build_olmoe_trace(
     decode = np.zeros_like(prefill)
     starts = np.zeros(n, dtype=np.int64)
     num_cut = 0
+    splits: dict[str, int] = {}
     routed: dict[str, RoutedText] = {}
     for name in active:
         text = route_domain(
@@ -258,6 +259,7 @@ def build_olmoe_trace(
         routed[name] = text
         cum = prefix_counts(text.topk)  # [P + 1, L, E]
         split = int(text.num_positions * config.calibration_fraction)
+        splits[name] = split
         for part, lo, hi in ((is_calibration, 0, split), (~is_calibration, split, text.num_positions)):
             idx = np.flatnonzero(part & (domain == name))
             if idx.size == 0:
@@ -313,6 +315,8 @@ def build_olmoe_trace(
         },
         "fallback_positions": {name: routed[name].num_fallback for name in active},
         "routed_positions": {name: routed[name].num_positions for name in active},
+        # calibration windows lie in text positions [0, split), evaluation windows in [split, P)
+        "calibration_split": splits,
     }
     return Trace(
         prefill_counts=prefill.astype(count_dtype),
@@ -327,5 +331,6 @@ def build_olmoe_trace(
         calibration=is_calibration,
         decode_topk=decode_topk,
         decode_offsets=decode_offsets,
+        text_offset=starts,
         meta=meta,
     )

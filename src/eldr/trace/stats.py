@@ -26,6 +26,15 @@ from eldr.trace.sampling import topk_from_counts
 FloatArray = npt.NDArray[np.float64]
 
 
+def conservation_violations(trace: Trace) -> int:
+    """Requests whose counts do not sum to tokens x top_k in every layer (prefill or decode)."""
+    prefill_ok = np.all(
+        trace.prefill_counts.sum(axis=2) == trace.prompt_tokens[:, None] * trace.top_k, axis=1
+    )
+    decode_ok = np.all(trace.decode_counts.sum(axis=2) == trace.output_tokens[:, None] * trace.top_k, axis=1)
+    return int(np.sum(~(prefill_ok & decode_ok)))
+
+
 def _pearson(x: FloatArray, y: FloatArray, axis: int) -> FloatArray:
     """Pearson correlation along `axis`; NaN where either side is constant."""
     xc = x - x.mean(axis=axis, keepdims=True)
