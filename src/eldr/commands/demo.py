@@ -1,0 +1,50 @@
+"""`eldr demo`: `eldr simulate` on the trace and partition shipped in the package."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from eldr.commands.simulate import add_sim_arguments, simulate_and_report
+
+DEFAULT_PLOT = "eldr-demo.png"
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "demo",
+        help="simulate every policy on the shipped OLMoE-derived trace and write a plot",
+        description=(
+            "Run the decode-pool simulator on the small trace shipped with eldr (real OLMoE-1B-7B "
+            "routing on four text domains; see `eldr trace info` and docs/simulator.md) with the "
+            "shipped partition, print the per-policy table and write a plot. No ../shared data needed."
+        ),
+    )
+    add_sim_arguments(p, default_rate=60.0)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument(
+        "--plot",
+        default=DEFAULT_PLOT,
+        metavar="FILE.png",
+        help=f"plot to write (default {DEFAULT_PLOT}; needs eldr[plot])",
+    )
+    p.add_argument("--no-plot", action="store_true", help="do not write a plot")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from eldr import data
+    from eldr.partition import Partition
+    from eldr.sim.plot import pyplot
+    from eldr.trace.format import Trace
+
+    if args.no_plot:
+        args.plot = None
+    elif args.plot:
+        pyplot()  # fail fast, before simulating, when matplotlib is missing
+    trace = Trace.load(data.demo_trace_path())
+    if args.partition is None and args.kmeans == "balanced" and args.calibration is None:
+        shipped = data.demo_partition_path()
+        if Partition.load(shipped).num_workers == args.workers:
+            args.partition = str(shipped)
+    return simulate_and_report(args, trace, "demo trace")

@@ -1,0 +1,199 @@
+"""`eldr simulate`: run the routing policies through the decode-pool simulator on a trace."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from contextlib import ExitStack
+from typing import Any
+
+from eldr.policy import DEFAULT_TAU, POLICY_NAMES
+
+DEFAULT_POLICIES = "rr,random,jsq,p2c,domain,eldr,oracle"
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "simulate",
+        help="simulate a decode pool under each routing policy on a trace",
+        description=(
+            "Discrete-event simulation of D decode workers with continuous batching. Every decode step "
+            "costs base + per-request + per-distinct-expert per MoE layer + attention on context "
+            "(a cost-model preset). The eldr and domain policies are fitted on calibration requests. "
+            "Prints TPOT p50/p99, TTFT p50, distinct experts per step and load imbalance per policy."
+        ),
+    )
+    add_sim_arguments(p)
+    p.add_argument("--trace", required=True, metavar="TRACE.npz", help="trace file (docs/trace-format.md)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--plot", metavar="FILE.png", help="also write a plot of the results (needs eldr[plot])")
+    p.set_defaults(func=run)
+
+
+def add_sim_arguments(p: argparse.ArgumentParser, *, default_rate: float | None = None) -> None:
+    """Flags shared by `eldr simulate` and `eldr demo`."""
+    from eldr.sim.costmodel import LAYER_MAPS
+    from eldr.sim.presets import PRESETS
+    from eldr.sim.workload import DECODE_MODES
+
+    p.add_argument("--workers", type=int, default=16, help="decode workers (default 16)")
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=default_rate,
+        help="re-time arrivals as Poisson at this many req/s (default: the trace's arrival_s)"
+        if default_rate is None
+        else f"Poisson arrival rate in req/s (default {default_rate:g})",
+    )
+    p.add_argument(
+        "--policies",
+        default=DEFAULT_POLICIES,
+        help=f"comma-separated policies to compare, from {','.join(POLICY_NAMES)} (default: all)",
+    )
+    p.add_argument("--tau", type=float, default=DEFAULT_TAU, help=f"eldr band width (default {DEFAULT_TAU})")
+    p.add_argument(
+        "--cost-model",
+        choices=sorted(PRESETS),
+        default="mi300x-qwen3-30b",
+        help="step-cost preset (default mi300x-qwen3-30b; docs/simulator.md)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed for arrivals, token sampling and policies")
+    p.add_argument(
+        "--calibration",
+        metavar="FILE.npz",
+        help="fit eldr/domain/oracle on this trace or CAL.npz (default: the trace's `calibration` "
+        "requests, else its first --num-calibration requests, which are then not measured)",
+    )
+    p.add_argument(
+        "--num-calibration",
+        type=int,
+        default=1000,
+        help="requests held out for calibration when the trace flags none (default 1000)",
+    )
+    p.add_argument(
+        "--kmeans",
+        choices=("balanced", "plain"),
+        default="balanced",
+        help="k-means for the eldr/oracle partitions: balanced (paper, default) or plain (ablation)",
+    )
+    p.add_argument(
+        "--partition", metavar="PART.npz", help="route eldr with this partition instead of fitting one"
+    )
+    p.add_argument("--max-batch", type=int, help="decode batch limit per worker (default: the preset's)")
+    p.add_argument("--kv-capacity", type=int, help="KV-cache tokens per worker (default: the preset's)")
+    p.add_argument("--requests", type=int, help="simulate at most this many measured requests")
+    p.add_argument(
+        "--output-tokens", type=int, help="every request generates exactly this many tokens (paper: 512)"
+    )
+    p.add_argument(
+        "--layer-map",
+        choices=LAYER_MAPS,
+        default="nearest",
+        help="how recorded layers drive the model's layers: nearest relative depth (default) or uniform",
+    )
+    p.add_argument(
+        "--decode",
+        choices=DECODE_MODES,
+        default="auto",
+        help="per-token experts: replay decode_topk when the trace has it (auto, default), or sample",
+    )
+
+
+def experiment_of(args: argparse.Namespace) -> Any:
+    from eldr.sim.experiment import Experiment, check_policies
+    from eldr.sim.workload import WorkloadConfig
+
+    return Experiment(
+        policies=check_policies(args.policies.split(",")),
+        num_workers=args.workers,
+        tau=args.tau,
+        is_balanced=args.kmeans == "balanced",
+        max_batch=args.max_batch,
+        kv_capacity_tokens=args.kv_capacity,
+        layer_map=args.layer_map,
+        workload=WorkloadConfig(
+            rate=args.rate,
+            num_requests=args.requests,
+            output_tokens=args.output_tokens,
+            num_calibration=args.num_calibration,
+            decode=args.decode,
+            seed=args.seed,
+        ),
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from eldr.trace.format import Trace
+
+    trace = Trace.load(args.trace)
+    return simulate_and_report(args, trace, str(args.trace))
+
+
+def simulate_and_report(args: argparse.Namespace, trace: Any, trace_name: str) -> int:
+    from rich.console import Console
+
+    from eldr.calibration_data import load_calibration
+    from eldr.partition import Partition
+    from eldr.sim.experiment import run_experiment
+    from eldr.sim.presets import preset
+    from eldr.sim.report import gain_lines, render_table, to_json
+
+    experiment = experiment_of(args)
+    cost = preset(args.cost_model)
+    calibration = load_calibration(args.calibration) if args.calibration else None
+    partition = Partition.load(args.partition) if args.partition else None
+    show_progress = not args.json and sys.stderr.isatty()
+    with ExitStack() as stack:
+        on_policy = None
+        if show_progress:
+            from rich.progress import Progress
+
+            bar = stack.enter_context(Progress(console=Console(stderr=True), transient=True))
+
+            def on_policy(name: str, total: int) -> Any:
+                task = bar.add_task(f"simulating {name}", total=total)
+                return lambda done: bar.advance(task, done)
+
+        outcome = run_experiment(
+            trace, experiment, cost, calibration=calibration, partition=partition, on_policy=on_policy
+        )
+    settings = {
+        "trace": trace_name,
+        "workers": experiment.num_workers,
+        "rate": args.rate,
+        "tau": experiment.tau,
+        "cost_model": cost.name,
+        "seed": args.seed,
+        "kmeans": args.kmeans,
+        "num_calibration": outcome.num_calibration,
+        "num_measured": next(iter(outcome.metrics.values())).num_requests,
+        "output_tokens": args.output_tokens,
+        "layer_map": experiment.layer_map,
+    }
+    if args.plot:
+        from eldr.sim.plot import plot_policies
+
+        title = f"{trace_name}: {experiment.num_workers} workers, {args.rate or 'trace'} req/s, {cost.name}"
+        plot_policies(outcome.metrics, outcome.runs, args.plot, title)
+    if args.json:
+        print(json.dumps(to_json(outcome.metrics, settings)))
+        return 0
+    console = Console(width=max(Console().width, 120))
+    rate = f"{args.rate:g} req/s Poisson" if args.rate else "trace arrivals"
+    console.print(
+        render_table(
+            outcome.metrics,
+            f"{trace_name}: {settings['num_measured']} requests, {experiment.num_workers} decode workers, "
+            f"{rate}, {cost.name}, tau {experiment.tau:g}, seed {args.seed}",
+        )
+    )
+    for line in gain_lines(outcome.metrics):
+        console.print(line)
+    console.print(
+        "experts/step: distinct experts per decode step summed over the trace's recorded layers; "
+        "imbalance: time-averaged max/mean in-flight"
+    )
+    if args.plot:
+        console.print(f"wrote {args.plot}")
+    return 0

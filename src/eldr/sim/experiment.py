@@ -1,0 +1,92 @@
+"""One experiment: a trace, a pool and a cost model, every policy run on the same requests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from eldr.calibration_data import CalibrationData
+from eldr.errors import ConfigError
+from eldr.partition import Partition
+from eldr.policy import DEFAULT_TAU, POLICY_NAMES
+from eldr.sim.costmodel import CostModel, bind
+from eldr.sim.engine import PoolConfig, RunResult, simulate
+from eldr.sim.report import PolicyMetrics, metrics_of
+from eldr.sim.workload import WorkloadConfig, build_policy, measured_requests, split_calibration
+from eldr.trace.format import Trace
+
+
+@dataclass(frozen=True)
+class Experiment:
+    policies: tuple[str, ...]
+    num_workers: int = 16
+    tau: float = DEFAULT_TAU
+    is_balanced: bool = True
+    max_batch: int | None = None  # None: the cost model's
+    kv_capacity_tokens: int | None = None  # None: the cost model's
+    layer_map: str = "nearest"
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+
+    def __post_init__(self) -> None:
+        unknown = [name for name in self.policies if name not in POLICY_NAMES]
+        if unknown or not self.policies:
+            raise ConfigError(f"unknown policies {unknown}; choose from {', '.join(POLICY_NAMES)}")
+        if not self.tau >= 0:
+            raise ConfigError(f"tau must be >= 0, got {self.tau}")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    metrics: dict[str, PolicyMetrics]
+    runs: dict[str, RunResult]
+    num_calibration: int
+
+
+def run_experiment(
+    trace: Trace,
+    experiment: Experiment,
+    cost: CostModel,
+    *,
+    calibration: CalibrationData | None = None,
+    partition: Partition | None = None,
+    on_policy: Callable[[str, int], Callable[[int], None] | None] | None = None,
+) -> Outcome:
+    """Simulate every policy of `experiment` on the trace's measured requests.
+
+    `on_policy(name, num_requests)` may return a progress callback for that policy's run.
+    """
+    cal, measured = split_calibration(trace, calibration, experiment.workload.num_calibration)
+    requests = measured_requests(
+        trace, measured, experiment.workload, with_decode_counts="oracle" in experiment.policies
+    )
+    step_cost = bind(cost, trace.layers, trace.num_model_layers, trace.num_experts, how=experiment.layer_map)
+    pool = PoolConfig(
+        experiment.num_workers,
+        experiment.max_batch or cost.max_batch,
+        experiment.kv_capacity_tokens or cost.kv_capacity_tokens,
+    )
+    metrics: dict[str, PolicyMetrics] = {}
+    runs: dict[str, RunResult] = {}
+    for name in experiment.policies:
+        policy = build_policy(
+            name,
+            cal,
+            experiment.num_workers,
+            tau=experiment.tau,
+            seed=experiment.workload.seed,
+            is_balanced=experiment.is_balanced,
+            partition=partition,
+        )
+        progress = on_policy(name, requests.num_requests) if on_policy is not None else None
+        runs[name] = simulate(requests, policy, step_cost, pool, progress)
+        metrics[name] = metrics_of(runs[name])
+    return Outcome(metrics, runs, cal.num_requests)
+
+
+def check_policies(names: Sequence[str]) -> tuple[str, ...]:
+    """Parse a policy list, keeping order and dropping repeats."""
+    unique = tuple(dict.fromkeys(n.strip() for n in names if n.strip()))
+    unknown = [n for n in unique if n not in POLICY_NAMES]
+    if unknown or not unique:
+        raise ConfigError(f"unknown policies {unknown}; choose from {', '.join(POLICY_NAMES)}")
+    return unique

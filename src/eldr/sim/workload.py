@@ -1,0 +1,179 @@
+"""A trace -> calibration set + measured requests + the policies to compare.
+
+Calibration requests (what `eldr` and `domain` are fitted on) come from, in order of preference:
+`--calibration FILE` (a trace or a CAL.npz), the trace's boolean `calibration` flags, or its first
+`num_calibration` requests. Requests used for calibration are never measured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from eldr.calibrate import FitConfig, fit_partition
+from eldr.calibration_data import CalibrationData
+from eldr.errors import ConfigError, InvalidInputError
+from eldr.partition import Partition
+from eldr.policy import (
+    LOAD_BALANCERS,
+    POLICY_NAMES,
+    DomainPolicy,
+    LocalityBandPolicy,
+    OraclePolicy,
+    Policy,
+    RequestView,
+    make_policy,
+)
+from eldr.policy.domain import label_counts_of
+from eldr.sim.engine import Requests
+from eldr.sim.tokens import TokenPlan, replay_plan, sample_plan, subset_plan
+from eldr.trace.format import Trace
+
+DECODE_MODES = ("auto", "sample", "replay")
+
+
+@dataclass(frozen=True)
+class WorkloadConfig:
+    rate: float | None = None  # Poisson arrivals at this rate (req/s); None: the trace's arrival_s
+    num_requests: int | None = None  # measure at most this many requests (in trace order)
+    output_tokens: int | None = None  # every request generates exactly this many tokens
+    num_calibration: int = 1000  # first requests used for calibration when nothing else says
+    decode: str = "auto"  # replay the trace's decode_topk when present (auto), or sample
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.rate is not None and not self.rate > 0:
+            raise ConfigError(f"rate must be > 0 req/s, got {self.rate}")
+        if self.num_requests is not None and self.num_requests < 1:
+            raise ConfigError(f"number of requests must be >= 1, got {self.num_requests}")
+        if self.output_tokens is not None and self.output_tokens < 0:
+            raise ConfigError(f"output tokens must be >= 0, got {self.output_tokens}")
+        if self.decode not in DECODE_MODES:
+            raise ConfigError(f"decode must be one of {', '.join(DECODE_MODES)}, got {self.decode!r}")
+
+
+def split_calibration(
+    trace: Trace, calibration: CalibrationData | None, num_calibration: int
+) -> tuple[CalibrationData, npt.NDArray[np.int64]]:
+    """(calibration data, indices of the trace's measured requests)."""
+    everything = np.arange(trace.num_requests, dtype=np.int64)
+    if calibration is not None:
+        if calibration.prefill_counts.shape[1:] != trace.prefill_counts.shape[1:]:
+            raise InvalidInputError(
+                f"calibration counts are {calibration.prefill_counts.shape[1:]} per request, the trace's "
+                f"are {trace.prefill_counts.shape[1:]}"
+            )
+        return calibration, everything
+    if trace.calibration is not None and trace.calibration.any():
+        cal_index = np.flatnonzero(trace.calibration)
+        measured = np.flatnonzero(~trace.calibration)
+    else:
+        if trace.num_requests <= num_calibration:
+            raise InvalidInputError(
+                f"the trace has {trace.num_requests} requests and no calibration flags: need more than "
+                f"{num_calibration} to keep the first {num_calibration} for calibration, or --calibration"
+            )
+        cal_index, measured = everything[:num_calibration], everything[num_calibration:]
+    labels = None if trace.domain is None else trace.domain[cal_index].astype(str)
+    cal = CalibrationData(
+        trace.prefill_counts[cal_index].astype(np.int64),
+        trace.decode_counts[cal_index].astype(np.int64),
+        labels,
+        trace.top_k,
+    )
+    return cal, measured.astype(np.int64)
+
+
+def measured_requests(
+    trace: Trace, index: npt.NDArray[np.int64], config: WorkloadConfig, *, with_decode_counts: bool
+) -> Requests:
+    """The trace's requests `index` (capped, re-timed, plan built) as simulator input."""
+    if config.num_requests is not None:
+        index = index[: config.num_requests]
+    if index.size == 0:
+        raise InvalidInputError("no requests left to simulate after the calibration split")
+    if config.output_tokens is None:
+        out = trace.output_tokens[index].astype(np.int64)
+    else:
+        out = np.full(index.size, config.output_tokens, dtype=np.int64)
+    rng = np.random.default_rng(config.seed)
+    if config.rate is None:
+        arrival = trace.arrival_s[index] - trace.arrival_s[index[0]]
+    else:
+        arrival = np.cumsum(rng.exponential(1.0 / config.rate, size=index.size))
+        arrival -= arrival[0]
+    plan = token_plan(trace, index, out, config)
+    labels = None if trace.domain is None else trace.domain[index].astype(str)
+    views = [
+        RequestView(
+            request_id=str(int(i)),
+            counts=trace.prefill_counts[i],
+            label=None if labels is None else str(labels[j]),
+            decode_counts=trace.decode_counts[i] if with_decode_counts else None,
+        )
+        for j, i in enumerate(index.tolist())
+    ]
+    return Requests(
+        np.asarray(arrival, dtype=np.float64),
+        trace.prompt_tokens[index].astype(np.int64),
+        out,
+        views,
+        plan,
+    )
+
+
+def token_plan(
+    trace: Trace, index: npt.NDArray[np.int64], out: npt.NDArray[np.int64], config: WorkloadConfig
+) -> TokenPlan:
+    has_exact = trace.decode_topk is not None and trace.decode_offsets is not None
+    if config.decode == "replay" and not has_exact:
+        raise InvalidInputError("--decode replay needs a trace with decode_topk and decode_offsets")
+    if config.decode == "replay" and config.output_tokens is not None:
+        raise InvalidInputError("--decode replay cannot change output lengths (drop --output-tokens)")
+    if has_exact and config.decode != "sample" and config.output_tokens is None:
+        assert trace.decode_topk is not None and trace.decode_offsets is not None
+        full = replay_plan(trace.decode_topk, trace.decode_offsets, trace.output_tokens, trace.num_experts)
+        return subset_plan(full, index)
+    # seed offset: the plan's randomness is independent of the arrival process
+    return sample_plan(trace.decode_counts[index], out, trace.top_k, seed=config.seed + 7919)
+
+
+def fit_for(
+    name: str, cal: CalibrationData, num_workers: int, *, is_balanced: bool, fit_seed: int = 1
+) -> Partition:
+    """The partition a policy routes with: prefill counts (`eldr`) or decode counts (`oracle`)."""
+    if name == "oracle":
+        if cal.decode_counts is None:
+            raise InvalidInputError("the oracle policy needs calibration decode_counts")
+        counts = cal.decode_counts
+    else:
+        counts = cal.prefill_counts
+    config = FitConfig(num_workers=num_workers, seed=fit_seed, is_balanced=is_balanced)
+    return fit_partition(counts, config, decode_counts=cal.decode_counts, top_k=cal.top_k)
+
+
+def build_policy(
+    name: str,
+    cal: CalibrationData,
+    num_workers: int,
+    *,
+    tau: float,
+    seed: int,
+    is_balanced: bool = True,
+    partition: Partition | None = None,
+) -> Policy:
+    """The policy `name`, fitted on the calibration set where it needs fitting."""
+    if name in LOAD_BALANCERS:
+        return make_policy(name, seed=seed)
+    if name == "eldr":
+        part = partition or fit_for("eldr", cal, num_workers, is_balanced=is_balanced)
+        return LocalityBandPolicy(part, tau=tau, seed=seed)
+    if name == "oracle":
+        return OraclePolicy(fit_for("oracle", cal, num_workers, is_balanced=is_balanced), tau=tau, seed=seed)
+    if name == "domain":
+        if cal.labels is None:
+            raise InvalidInputError("the domain policy needs labelled calibration requests (trace `domain`)")
+        return DomainPolicy(label_counts_of(cal.labels), num_workers, seed=seed)
+    raise ConfigError(f"unknown policy {name!r}; choose from {', '.join(POLICY_NAMES)}")
