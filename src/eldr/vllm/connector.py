@@ -1,0 +1,365 @@
+"""`EldrConnector`: a KV-connector wrapper that returns each request's expert signature with its answer.
+
+Loaded by stock vLLM through its supported extension point, e.g. on a GPU prefill instance
+
+    --kv-transfer-config '{"kv_connector": "EldrConnector", "kv_connector_module_path": "eldr.vllm.connector",
+      "kv_role": "kv_producer", "kv_connector_extra_config": {"eldr_wrapped": "NixlConnector"}}'
+
+Every KV-transfer call is delegated to the wrapped connector (`eldr_wrapped`: NixlConnector in
+production, ExampleConnector in the CPU tests, absent for none). On top of it:
+
+- worker side: the MoE routers' capture callback folds each step's real top-k ids into per-KV-block
+  rows (`capture.StepFold`); `build_connector_worker_meta` sends them back with the step number;
+- scheduler side: `build_connector_meta` numbers steps and notes which requests finish their prefill;
+  `update_connector_output` folds the rows into the signature cache (`blockcache`) and fills the
+  params `request_finished` returned with `kv_transfer_params["eldr"]` (`ledger` explains why the
+  filling happens after `request_finished`).
+
+Extra config keys (in `kv_connector_extra_config`, passed unchanged to the wrapped connector too):
+`eldr_wrapped` (connector name), `eldr_wrapped_module_path` (for an out-of-tree connector),
+`eldr_record_decode` (also return the generated tokens' counts as `kv_transfer_params["eldr_decode"]`,
+the decode-recording mode `eldr capture` uses), `eldr_skip_external_loads` (never load KV from the
+wrapped connector on this instance: a prefill instance whose wrapped connector would otherwise reuse
+stored KV, which would leave those tokens uncounted).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    KVConnectorWorkerMetadata,
+)
+
+from eldr.errors import ConfigError
+from eldr.vllm.blockcache import BlockDelta
+from eldr.vllm.capture import StepFold, chain_capture, find_moe_routers
+from eldr.vllm.ledger import SignatureLedger
+from eldr.vllm.version import check_vllm_version
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+logger = logging.getLogger("vllm.eldr")  # a child of vLLM's logger: same handlers and format
+
+
+@dataclass
+class EldrConnectorMeta(KVConnectorMetadata):
+    """Scheduler -> worker, each step: the step number and the wrapped connector's metadata."""
+
+    step: int
+    num_tokens: int
+    inner: KVConnectorMetadata | None
+
+
+@dataclass
+class EldrWorkerMeta(KVConnectorWorkerMetadata):
+    """Worker -> scheduler, each step: the step's block rows (`None`: unusable) and the wrapped meta."""
+
+    step: int
+    delta: BlockDelta | None
+    top_k: int
+    inner: KVConnectorWorkerMetadata | None
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        # tensor-parallel ranks see the same router ids: keep one copy, refuse if they disagree
+        assert isinstance(other, EldrWorkerMeta)
+        delta = self.delta
+        if delta is None or other.delta is None or delta.counts.shape != other.delta.counts.shape:
+            delta = None
+        inner = self.inner
+        if inner is not None and other.inner is not None:
+            inner = inner.aggregate(other.inner)
+        return EldrWorkerMeta(self.step, delta, self.top_k, inner or other.inner)
+
+
+def _wrapped_config(vllm_config: VllmConfig) -> tuple[type[KVConnectorBase_V1] | None, VllmConfig]:
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
+    ktc = vllm_config.kv_transfer_config
+    assert ktc is not None
+    extra = ktc.kv_connector_extra_config
+    name = extra.get("eldr_wrapped")
+    if not name:
+        return None, vllm_config
+    inner_config = copy.copy(vllm_config)
+    inner_config.kv_transfer_config = dataclasses.replace(
+        ktc, kv_connector=name, kv_connector_module_path=extra.get("eldr_wrapped_module_path")
+    )
+    cls = KVConnectorFactory.get_connector_class(inner_config.kv_transfer_config)
+    return cls, inner_config  # type: ignore[return-value]
+
+
+class EldrConnector(KVConnectorBase_V1):
+    """Signature capture around a wrapped KV connector (see the module docstring)."""
+
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
+        import vllm
+
+        warning = check_vllm_version(vllm.__version__)
+        if warning:
+            logger.warning(warning)
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        if len(kv_cache_config.kv_cache_groups) != 1:
+            raise ConfigError(
+                "eldr engine plugin supports models with one KV cache group (full attention); "
+                f"this model has {len(kv_cache_config.kv_cache_groups)}"
+            )
+        extra = self._kv_transfer_config.kv_connector_extra_config
+        inner_cls, inner_config = _wrapped_config(vllm_config)
+        self._inner = inner_cls(inner_config, role, kv_cache_config) if inner_cls is not None else None
+        self._block_size = int(vllm_config.cache_config.block_size)
+        self._is_skipping_external = bool(extra.get("eldr_skip_external_loads", False))
+        # scheduler side
+        self._ledger = SignatureLedger(
+            num_blocks=int(kv_cache_config.num_blocks),
+            block_size=self._block_size,
+            is_recording_decode=bool(extra.get("eldr_record_decode", False)),
+        )
+        self._requests: dict[str, Request] = {}
+        # worker side
+        self._routers: list[tuple[int, Any]] = []
+        self._num_experts = 0
+        self._top_k = 0
+        self._step_meta: EldrConnectorMeta | None = None
+        self._fold: StepFold | None = None
+        self._slot_layer = kv_cache_config.kv_cache_groups[0].layer_names[0]
+        self._is_warned = False
+
+    # ------------------------------------------------------------------ worker side
+
+    def _install_capture(self) -> None:
+        if self._routers:
+            return
+        routers = find_moe_routers(self._vllm_config.compilation_config.static_forward_context)
+        if not routers:
+            raise ConfigError("eldr engine plugin: the model has no MoE router with a capture callback")
+        self._routers = routers
+        self._num_experts = int(routers[0][1].global_num_experts)
+        self._top_k = int(routers[0][1].top_k)
+        for row, (_, router) in enumerate(routers):
+            chain_capture(router, partial(self._capture, row))
+        logger.info("eldr: capturing %d MoE layers, %d experts, top-%d", len(routers), self._num_experts, self._top_k)
+
+    def _capture(self, row: int, topk_ids: torch.Tensor) -> None:
+        if self._step_meta is None:
+            return  # a forward outside an engine step (profiling, warm-up)
+        if self._fold is None:
+            self._fold = self._new_fold()
+            if self._fold is None:
+                return
+        self._fold.add(row, topk_ids)
+
+    def _new_fold(self) -> StepFold | None:
+        from vllm.forward_context import get_forward_context, is_forward_context_available
+
+        if not is_forward_context_available():
+            return None
+        context = get_forward_context()
+        slots = context.slot_mapping
+        if not isinstance(slots, dict) or self._slot_layer not in slots:
+            if not self._is_warned:
+                self._is_warned = True
+                keys = list(slots)[:3] if isinstance(slots, dict) else type(slots).__name__
+                logger.warning("eldr: no slot mapping for %s in the forward context (%s)", self._slot_layer, keys)
+            return None
+        return StepFold(slots[self._slot_layer], self._block_size, len(self._routers), self._num_experts)
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self._install_capture()
+        if self._inner is not None:
+            self._inner.register_kv_caches(kv_caches)
+
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        assert isinstance(connector_metadata, EldrConnectorMeta)
+        self._install_capture()
+        self._step_meta = connector_metadata
+        self._fold = None
+        if self._inner is not None and connector_metadata.inner is not None:
+            self._inner.bind_connector_metadata(connector_metadata.inner)
+
+    def clear_connector_metadata(self) -> None:
+        super().clear_connector_metadata()
+        self._step_meta = None
+        self._fold = None
+        if self._inner is not None:
+            self._inner.clear_connector_metadata()
+
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        inner = self._inner.build_connector_worker_meta() if self._inner is not None else None
+        meta = self._step_meta
+        if meta is None:
+            return inner
+        delta: BlockDelta | None
+        if self._fold is not None:
+            delta = self._fold.delta()
+            if delta is None and not self._is_warned:
+                self._is_warned = True
+                logger.warning(
+                    "eldr: step %d not folded: %d slots, layers saw %s", meta.step, self._fold.num_tokens,
+                    self._fold.num_captured,
+                )
+        elif meta.num_tokens == 0:
+            delta = None if not self._routers else _empty_delta(len(self._routers), self._num_experts)
+        else:
+            delta = None  # tokens ran but no router reported: counts would be wrong
+            if not self._is_warned:
+                self._is_warned = True
+                logger.warning("eldr: step %d ran %d tokens but no router reported", meta.step, meta.num_tokens)
+        return EldrWorkerMeta(meta.step, delta, self._top_k, inner)
+
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        if self._inner is not None and isinstance(kv_connector_metadata, EldrConnectorMeta):
+            if kv_connector_metadata.inner is not None:
+                self._inner.handle_preemptions(kv_connector_metadata.inner)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        if self._inner is not None:
+            self._inner.start_load_kv(forward_context, **kwargs)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        if self._inner is not None:
+            self._inner.wait_for_layer_load(layer_name)
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        if self._inner is not None:
+            self._inner.save_kv_layer(layer_name, kv_layer, attn_metadata, **kwargs)
+
+    def wait_for_save(self) -> None:
+        if self._inner is not None:
+            self._inner.wait_for_save()
+
+    # ------------------------------------------------------------------ scheduler side
+
+    def bind_kv_cache_manager(self, kv_cache_manager: KVCacheManager) -> None:
+        self._kv_cache_manager = kv_cache_manager
+        if self._inner is not None:
+            self._inner.bind_kv_cache_manager(kv_cache_manager)
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        self._requests[request.request_id] = request
+        self._ledger.track(request.request_id, int(request.num_prompt_tokens))
+        if self._inner is None or self._is_skipping_external:
+            return 0, False
+        return self._inner.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        if num_external_tokens > 0 and self._kv_cache_manager is not None:
+            block_ids = list(self._kv_cache_manager.get_block_ids(request.request_id)[0])
+            first = int(request.num_computed_tokens) // self._block_size
+            self._ledger.mark_external(request.request_id, block_ids[first:])
+        if self._inner is not None:
+            self._inner.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        inner = self._inner.build_connector_meta(scheduler_output) if self._inner is not None else None
+        step = self._ledger.begin_step(int(scheduler_output.total_num_scheduled_tokens))
+        for req_id, num_new in scheduler_output.num_scheduled_tokens.items():
+            request = self._requests.get(req_id)
+            if request is None:
+                continue
+            before, num_prompt = int(request.num_computed_tokens), int(request.num_prompt_tokens)
+            if before < num_prompt <= before + num_new and self._kv_cache_manager is not None:
+                block_ids = self._kv_cache_manager.get_block_ids(req_id)[0]
+                num_blocks = -(-num_prompt // self._block_size)
+                self._ledger.prefill_due(step, req_id, list(block_ids[:num_blocks]))
+        return EldrConnectorMeta(step, int(scheduler_output.total_num_scheduled_tokens), inner)
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        meta = connector_output.kv_connector_worker_meta
+        if isinstance(meta, EldrWorkerMeta):
+            self._ledger.apply(meta.step, meta.delta, meta.top_k)
+            connector_output.kv_connector_worker_meta = meta.inner
+        if self._inner is not None:
+            self._inner.update_connector_output(connector_output)
+        connector_output.kv_connector_worker_meta = meta
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        is_delayed, params = (
+            self._inner.request_finished(request, block_ids) if self._inner is not None else (False, None)
+        )
+        self._requests.pop(request.request_id, None)
+        out = params if params is not None else {}
+        is_coming = self._ledger.finish(
+            request.request_id, list(block_ids), int(request.num_computed_tokens), out
+        )
+        return is_delayed, out if (is_coming or params is not None) else None
+
+    # ------------------------------------------------------------------ plain delegation
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        return self._inner.get_finished(finished_req_ids) if self._inner is not None else (None, None)
+
+    def __getattribute__(self, name: str) -> Any:
+        # everything EldrConnector does not define itself goes to the wrapped connector
+        if name in _DELEGATED:
+            inner = object.__getattribute__(self, "_inner")
+            if inner is not None:
+                return getattr(inner, name)
+        return object.__getattribute__(self, name)
+
+    @classmethod
+    def get_required_kvcache_layout(cls, vllm_config: VllmConfig) -> str | None:
+        inner_cls, inner_config = _wrapped_config(vllm_config)
+        return inner_cls.get_required_kvcache_layout(inner_config) if inner_cls is not None else None
+
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        return False
+
+
+_DELEGATED = frozenset(
+    {
+        "get_mem_pool_context",
+        "set_host_xfer_buffer_ops",
+        "finish_forward",
+        "reset_capture_state",
+        "get_transfer_results",
+        "get_block_ids_with_load_errors",
+        "shutdown",
+        "get_kv_connector_stats",
+        "get_kv_connector_kv_cache_events",
+        "get_handshake_metadata",
+        "bind_gpu_block_pool",
+        "get_loaded_kv_cache_group_ids",
+        "get_external_cache_hit_sources",
+        "on_new_request",
+        "register_finished_partial_tail",
+        "take_events",
+        "has_pending_block_frees",
+        "has_pending_push_work",
+        "get_finished_count",
+        "set_xfer_handshake_metadata",
+        "set_xfer_handshake_metadata_pp_aware",
+        "reset_cache",
+        "supports_divergent_local_hybrid_hits",
+        "requires_kv_delivery",
+        "_cache_hit_source",
+    }
+)
+
+
+def _empty_delta(num_layers: int, num_experts: int) -> BlockDelta:
+    import numpy as np
+
+    return BlockDelta(
+        block_ids=np.zeros(0, dtype=np.int64),
+        is_fresh=np.zeros(0, dtype=np.bool_),
+        counts=np.zeros((0, num_layers, num_experts), dtype=np.uint8),
+    )
