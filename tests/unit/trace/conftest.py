@@ -12,6 +12,7 @@ from eldr.trace.format import Trace
 
 @pytest.fixture(scope="session")
 def fake_data(tmp_path_factory: pytest.TempPathFactory) -> FakeData:
+    pytest.importorskip("tokenizers", reason="the OLMoE builder needs the 'trace' extra (tokenizers)")
     return make_fake_data(tmp_path_factory.mktemp("shared") / "data")
 
 
