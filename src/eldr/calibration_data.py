@@ -7,7 +7,8 @@
 | `labels`         | [N] str   | no       | workload labels (for the `domain` baseline)         |
 | `top_k`          | scalar    | no       | experts per token                                   |
 
-A trace file (docs/trace-format.md) holds the same arrays (labels as `domain`) and is accepted too.
+A trace file (docs/trace-format.md) holds the same arrays (labels as `domain`) and is accepted too;
+when it flags calibration requests (boolean `calibration` [N]) only those are used.
 """
 
 from __future__ import annotations
@@ -43,6 +44,17 @@ def load_calibration(path: str | Path) -> CalibrationData:
         raise InputFileError(f"cannot read calibration file {path}: {exc}") from exc
     if "prefill_counts" not in arrays:
         raise InputFileError(f"{path} has no 'prefill_counts' array (found: {sorted(arrays)})")
+    flags = arrays.get("calibration")
+    if flags is not None:
+        if flags.dtype != np.bool_ or flags.shape != arrays["prefill_counts"].shape[:1]:
+            raise InvalidInputError(
+                f"{path}: 'calibration' must be a boolean array with one flag per request"
+            )
+        if not flags.any():
+            raise InvalidInputError(f"{path}: no request is flagged for calibration")
+        for name in ("prefill_counts", "decode_counts", "labels", "domain"):
+            if name in arrays:
+                arrays[name] = arrays[name][flags]
     prefill, decode = check_calibration(arrays["prefill_counts"], arrays.get("decode_counts"))
     raw_labels = arrays.get("labels", arrays.get("domain"))
     labels = None if raw_labels is None else raw_labels.astype(str)

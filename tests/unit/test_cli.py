@@ -137,3 +137,27 @@ def test_help_explains_every_command(capsys: pytest.CaptureFixture[str]) -> None
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "fit" in out and "route" in out
+
+
+def test_fit_uses_only_flagged_calibration_requests_of_a_trace(
+    tmp_path: Path, synthetic: SyntheticCounts, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flags = np.zeros(240, dtype=bool)
+    flags[:100] = True
+    cal = _write(
+        tmp_path,
+        "trace.npz",
+        prefill_counts=synthetic.prefill_counts,
+        decode_counts=synthetic.decode_counts,
+        domain=np.array([f"d{x}" for x in synthetic.labels]),
+        calibration=flags,
+    )
+    assert (
+        main(["fit", "--calibration", cal, "--workers", "4", "--out", str(tmp_path / "p.npz"), "--json"]) == 0
+    )
+    assert json.loads(capsys.readouterr().out)["num_requests"] == 100
+    none = _write(
+        tmp_path, "none.npz", prefill_counts=synthetic.prefill_counts, calibration=~np.ones(240, bool)
+    )
+    assert main(["fit", "--calibration", none, "--workers", "4", "--out", str(tmp_path / "q.npz")]) == 2
+    assert "no request is flagged" in capsys.readouterr().err
