@@ -14,12 +14,13 @@ Byte counts come from the public model configuration (hidden 2048, MoE intermedi
 + lm head read per step = 2.46 GB; KV per context token = 48 * 2 * 4 * 128 * 2 B = 98,304 B. The
 effective bandwidth is the single free scale; `benchmarks/sweeps.py calibrate` solves it so that the
 simulated RR median TPOT on the shipped demo trace at anchor 2's setting is 27 ms, and never looks at
-any other policy. The result, 2.35 TB/s (44% of MI300X's 5.3 TB/s peak), is plausible for
-decode-time grouped GEMMs, which is a check on the byte model, not an input.
+any other policy (benchmarks/results/mi300x_calibration.md). The result, 2.62 TB/s (50% of MI300X's
+5.3 TB/s peak), is plausible for decode-time grouped GEMMs: a check on the byte model, not an input.
 
 `this-cpu` — one MoE layer measured on this machine by `benchmarks/cpu_moe_cost.py` (numpy fp32,
 experts of 3 x 1024 x 512, 64 experts, far larger than cache), fitted as t = c0 + c1 * active +
-c2 * batch; an OLMoE-shaped model (16 MoE layers, 64 experts) with no other per-step terms.
+c2 * batch; an OLMoE-shaped model (16 MoE layers, 64 experts) with no other per-step terms. A step
+takes seconds here: simulate it at rates of a request every few seconds, not 60 req/s.
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ NIC_BYTES_S = 400e9 / 8  # 400 Gb/s InfiniBand (paper §6)
 MI300X_MAX_BATCH = 1024
 MI300X_KV_TOKENS = int((0.9 * 192e9 - 61e9 - 5e9) / QWEN3_KV_BYTES_PER_TOKEN)
 
-# solved by `python benchmarks/sweeps.py calibrate` (RR only; see the module docstring)
-MI300X_EFFECTIVE_BYTES_S = 2.35e12
+# solved by `python benchmarks/sweeps.py calibrate` (RR only; benchmarks/results/mi300x_calibration.md)
+MI300X_EFFECTIVE_BYTES_S = 2.624e12
 
 
 def mi300x_qwen3_30b(effective_bytes_s: float = MI300X_EFFECTIVE_BYTES_S) -> CostModel:
@@ -77,9 +78,9 @@ def mi300x_qwen3_30b(effective_bytes_s: float = MI300X_EFFECTIVE_BYTES_S) -> Cos
 
 
 # measured by `python benchmarks/cpu_moe_cost.py` (see benchmarks/results/cpu_moe_cost.md)
-CPU_MOE_LAYER_S = 0.0
-CPU_PER_EXPERT_S = 0.0
-CPU_PER_REQUEST_S = 0.0
+CPU_MOE_LAYER_S = 9.891e-3
+CPU_PER_EXPERT_S = 7.1100e-3
+CPU_PER_REQUEST_S = 1.0381e-3
 
 
 def this_cpu() -> CostModel:

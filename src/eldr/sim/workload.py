@@ -98,12 +98,10 @@ def measured_requests(
         out = trace.output_tokens[index].astype(np.int64)
     else:
         out = np.full(index.size, config.output_tokens, dtype=np.int64)
-    rng = np.random.default_rng(config.seed)
     if config.rate is None:
         arrival = trace.arrival_s[index] - trace.arrival_s[index[0]]
     else:
-        arrival = np.cumsum(rng.exponential(1.0 / config.rate, size=index.size))
-        arrival -= arrival[0]
+        arrival = poisson_arrivals(index.size, config.rate, config.seed)
     plan = token_plan(trace, index, out, config)
     labels = None if trace.domain is None else trace.domain[index].astype(str)
     views = [
@@ -122,6 +120,12 @@ def measured_requests(
         views,
         plan,
     )
+
+
+def poisson_arrivals(num_requests: int, rate: float, seed: int) -> npt.NDArray[np.float64]:
+    """Poisson arrival times `[N]` at `rate` req/s, the first at 0."""
+    arrival = np.cumsum(np.random.default_rng(seed).exponential(1.0 / rate, size=num_requests))
+    return arrival - arrival[0]
 
 
 def token_plan(
