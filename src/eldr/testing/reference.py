@@ -19,11 +19,14 @@ class ReferenceModel:
     """A transformers model loaded once; `counts(token_ids)` -> `[L, E]` int64 prompt counts."""
 
     def __init__(self, model_dir: Path) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM
+        import importlib
 
+        import torch
+
+        transformers: Any = importlib.import_module("transformers")
         torch.manual_seed(0)
-        self.model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+        auto = transformers.AutoModelForCausalLM
+        self.model: Any = auto.from_pretrained(str(model_dir), dtype=torch.float32).eval()
         config = self.model.config
         self.top_k = int(config.num_experts_per_tok)
         self.num_experts = int(getattr(config, "num_experts", None) or config.num_local_experts)

@@ -16,14 +16,88 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-_WORDS = (
-    "the a of to and in is for on with as by at from that this it be are was or an not which "
-    "model expert router token prefill decode cache block layer signature request worker batch "
-    "law court contract statute judge appeal code function loop compile array pointer math prime "
-    "integral matrix vector proof medical patient dose symptom therapy clinic heart lung blood "
-    "river mountain city music garden winter summer ocean forest bridge train story poem letter"
-).split()
+_WORDS = [
+    "the",
+    "a",
+    "of",
+    "to",
+    "and",
+    "in",
+    "is",
+    "for",
+    "on",
+    "with",
+    "as",
+    "by",
+    "at",
+    "from",
+    "that",
+    "this",
+    "it",
+    "be",
+    "are",
+    "was",
+    "or",
+    "an",
+    "not",
+    "which",
+    "model",
+    "expert",
+    "router",
+    "token",
+    "prefill",
+    "decode",
+    "cache",
+    "block",
+    "layer",
+    "signature",
+    "request",
+    "worker",
+    "batch",
+    "law",
+    "court",
+    "contract",
+    "statute",
+    "judge",
+    "appeal",
+    "code",
+    "function",
+    "loop",
+    "compile",
+    "array",
+    "pointer",
+    "math",
+    "prime",
+    "integral",
+    "matrix",
+    "vector",
+    "proof",
+    "medical",
+    "patient",
+    "dose",
+    "symptom",
+    "therapy",
+    "clinic",
+    "heart",
+    "lung",
+    "blood",
+    "river",
+    "mountain",
+    "city",
+    "music",
+    "garden",
+    "winter",
+    "summer",
+    "ocean",
+    "forest",
+    "bridge",
+    "train",
+    "story",
+    "poem",
+    "letter",
+]
 
 
 @dataclass(frozen=True)
@@ -82,14 +156,17 @@ def _train_tokenizer(out_dir: Path, spec: TinyMoeSpec) -> None:
 
 def write_tiny_moe(out_dir: Path, spec: TinyMoeSpec | None = None) -> Path:
     """Write the checkpoint and tokenizer into `out_dir` (created); returns `out_dir`."""
+    import importlib
+
     import torch
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    transformers: Any = importlib.import_module("transformers")
 
     spec = spec or TinyMoeSpec()
     out_dir.mkdir(parents=True, exist_ok=True)
     _train_tokenizer(out_dir, spec)
     vocab_size = len(json.loads((out_dir / "tokenizer.json").read_text())["model"]["vocab"])
-    config = Qwen3MoeConfig(
+    config = transformers.Qwen3MoeConfig(
         vocab_size=vocab_size,
         hidden_size=spec.hidden_size,
         intermediate_size=spec.moe_intermediate_size * 2,
@@ -108,10 +185,9 @@ def write_tiny_moe(out_dir: Path, spec: TinyMoeSpec | None = None) -> Path:
         bos_token_id=1,
         eos_token_id=1,
         pad_token_id=1,
-        torch_dtype="float32",
     )
     torch.manual_seed(spec.seed)
-    model = Qwen3MoeForCausalLM(config).to(torch.float32).eval()
+    model = transformers.Qwen3MoeForCausalLM(config).to(torch.float32).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("mlp.gate.weight"):

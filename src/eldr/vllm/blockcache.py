@@ -64,9 +64,8 @@ class BlockSignatureCache:
     def apply(self, delta: BlockDelta) -> None:
         """Reset the rows of blocks written from slot 0, then add the step's counts."""
         if delta.counts.shape[1:] != self.rows.shape[1:]:
-            raise InvalidInputError(
-                f"block delta has [L, E] = {list(delta.counts.shape[1:])}, cache has {list(self.rows.shape[1:])}"
-            )
+            shapes = f"{list(delta.counts.shape[1:])} vs the cache's {list(self.rows.shape[1:])}"
+            raise InvalidInputError(f"block delta has the wrong [L, E]: {shapes}")
         if delta.block_ids.size and (delta.block_ids.min() < 0 or delta.block_ids.max() >= len(self.rows)):
             raise InvalidInputError(f"block delta names a block outside [0, {len(self.rows)})")
         fresh = delta.block_ids[delta.is_fresh]

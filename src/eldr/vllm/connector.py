@@ -102,19 +102,47 @@ def _wrapped_config(vllm_config: VllmConfig) -> tuple[type[KVConnectorBase_V1] |
         ktc, kv_connector=name, kv_connector_module_path=extra.get("eldr_wrapped_module_path")
     )
     cls = KVConnectorFactory.get_connector_class(inner_config.kv_transfer_config)
-    return cls, inner_config  # type: ignore[return-value]
+    return cls, inner_config
+
+
+def check_capture_mode(vllm_config: VllmConfig) -> None:
+    """Refuse engine modes in which the router callback would not run on every step.
+
+    The callback is plain Python run inside the MoE layer. On vLLM CPU the MoE layer is traced by
+    torch.compile during memory profiling, before KV connectors exist, so a callback installed later
+    never runs; with CUDA graphs it would run only while graphs are captured. Both are refused at
+    start with the flag that fixes them, rather than returning wrong counts.
+    """
+    from vllm.config.compilation import CompilationMode, CUDAGraphMode
+    from vllm.platforms import current_platform
+
+    compilation = vllm_config.compilation_config
+    if current_platform.is_cpu() and compilation.mode != CompilationMode.NONE:
+        raise ConfigError(
+            "eldr engine plugin on vLLM CPU needs eager mode: add "
+            "--compilation-config '{\"mode\": 0}' (torch.compile traces the MoE router before the "
+            "plugin can attach its capture callback)"
+        )
+    if compilation.cudagraph_mode not in (None, CUDAGraphMode.NONE):
+        raise ConfigError(
+            "eldr engine plugin needs the MoE router callback to run every step: start this engine "
+            "with --enforce-eager (CUDA graphs replay without calling it)"
+        )
 
 
 class EldrConnector(KVConnectorBase_V1):
     """Signature capture around a wrapped KV connector (see the module docstring)."""
 
-    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
+    def __init__(
+        self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig
+    ) -> None:
         import vllm
 
         warning = check_vllm_version(vllm.__version__)
         if warning:
             logger.warning(warning)
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        check_capture_mode(vllm_config)
         if len(kv_cache_config.kv_cache_groups) != 1:
             raise ConfigError(
                 "eldr engine plugin supports models with one KV cache group (full attention); "
@@ -154,7 +182,9 @@ class EldrConnector(KVConnectorBase_V1):
         self._top_k = int(routers[0][1].top_k)
         for row, (_, router) in enumerate(routers):
             chain_capture(router, partial(self._capture, row))
-        logger.info("eldr: capturing %d MoE layers, %d experts, top-%d", len(routers), self._num_experts, self._top_k)
+        logger.info(
+            "eldr: capturing %d MoE layers, %d experts, top-%d", len(routers), self._num_experts, self._top_k
+        )
 
     def _capture(self, row: int, topk_ids: torch.Tensor) -> None:
         if self._step_meta is None:
@@ -176,7 +206,9 @@ class EldrConnector(KVConnectorBase_V1):
             if not self._is_warned:
                 self._is_warned = True
                 keys = list(slots)[:3] if isinstance(slots, dict) else type(slots).__name__
-                logger.warning("eldr: no slot mapping for %s in the forward context (%s)", self._slot_layer, keys)
+                logger.warning(
+                    "eldr: no slot mapping for %s in the forward context (%s)", self._slot_layer, keys
+                )
             return None
         return StepFold(slots[self._slot_layer], self._block_size, len(self._routers), self._num_experts)
 
@@ -212,7 +244,9 @@ class EldrConnector(KVConnectorBase_V1):
             if delta is None and not self._is_warned:
                 self._is_warned = True
                 logger.warning(
-                    "eldr: step %d not folded: %d slots, layers saw %s", meta.step, self._fold.num_tokens,
+                    "eldr: step %d not folded: %d slots, layers saw %s",
+                    meta.step,
+                    self._fold.num_tokens,
                     self._fold.num_captured,
                 )
         elif meta.num_tokens == 0:
@@ -221,13 +255,15 @@ class EldrConnector(KVConnectorBase_V1):
             delta = None  # tokens ran but no router reported: counts would be wrong
             if not self._is_warned:
                 self._is_warned = True
-                logger.warning("eldr: step %d ran %d tokens but no router reported", meta.step, meta.num_tokens)
+                logger.warning(
+                    "eldr: step %d ran %d tokens but no router reported", meta.step, meta.num_tokens
+                )
         return EldrWorkerMeta(meta.step, delta, self._top_k, inner)
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
-        if self._inner is not None and isinstance(kv_connector_metadata, EldrConnectorMeta):
-            if kv_connector_metadata.inner is not None:
-                self._inner.handle_preemptions(kv_connector_metadata.inner)
+        meta = kv_connector_metadata
+        if self._inner is not None and isinstance(meta, EldrConnectorMeta) and meta.inner is not None:
+            self._inner.handle_preemptions(meta.inner)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         if self._inner is not None:
@@ -237,13 +273,15 @@ class EldrConnector(KVConnectorBase_V1):
         if self._inner is not None:
             self._inner.wait_for_layer_load(layer_name)
 
-    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+    def save_kv_layer(
+        self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any
+    ) -> None:
         if self._inner is not None:
             self._inner.save_kv_layer(layer_name, kv_layer, attn_metadata, **kwargs)
 
     def wait_for_save(self) -> None:
         if self._inner is not None:
-            self._inner.wait_for_save()
+            self._inner.wait_for_save()  # type: ignore[no-untyped-call]
 
     # ------------------------------------------------------------------ scheduler side
 
@@ -252,14 +290,18 @@ class EldrConnector(KVConnectorBase_V1):
         if self._inner is not None:
             self._inner.bind_kv_cache_manager(kv_cache_manager)
 
-    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
         self._requests[request.request_id] = request
         self._ledger.track(request.request_id, int(request.num_prompt_tokens))
         if self._inner is None or self._is_skipping_external:
             return 0, False
         return self._inner.get_num_new_matched_tokens(request, num_computed_tokens)
 
-    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
         if num_external_tokens > 0 and self._kv_cache_manager is not None:
             block_ids = list(self._kv_cache_manager.get_block_ids(request.request_id)[0])
             first = int(request.num_computed_tokens) // self._block_size

@@ -96,7 +96,9 @@ class SignatureLedger:
         self.top_k = top_k or self.top_k
         if self.cache is not None:
             if missed or delta is None:
-                logger.warning("eldr: step data missing or unusable (steps %s, %s); cache reset", missed, step)
+                logger.warning(
+                    "eldr: step data missing or unusable (steps %s, %s); cache reset", missed, step
+                )
                 self.cache.is_valid[:] = False
             if delta is not None:
                 self.cache.apply(delta)

@@ -35,6 +35,5 @@ def check_vllm_version(version: str, *, env: dict[str, str] | None = None) -> st
         return f"eldr engine plugin: vLLM {version} is unsupported; running anyway ({OVERRIDE_ENV}=1)"
     supported = ", ".join(VERIFIED + EXPECTED)
     raise ConfigError(
-        f"eldr engine plugin supports vLLM {supported}, found {version}; "
-        f"set {OVERRIDE_ENV}=1 to try anyway"
+        f"eldr engine plugin supports vLLM {supported}, found {version}; set {OVERRIDE_ENV}=1 to try anyway"
     )

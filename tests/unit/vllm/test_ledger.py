@@ -127,7 +127,9 @@ def test_counts_exact_under_prefix_caching_chunking_and_reuse(
     prefix_ids: list[int], lengths: list[int], chunk: int
 ) -> None:
     stems = [[7, 7, 7, 7, 7, 7, 7, 7, 7], [3, 1, 4, 1, 5, 9, 2, 6], [2, 7, 1, 8], [5]]
-    prompts = [stems[s] + [10 + (k * 5 + s) % 13 for k in range(lengths[j % 6])] for j, s in enumerate(prefix_ids)]
+    prompts = [
+        stems[s] + [10 + (k * 5 + s) % 13 for k in range(lengths[j % 6])] for j, s in enumerate(prefix_ids)
+    ]
     answers = _run(prompts * 2, chunk)  # the second round hits the prefix cache (or reused blocks)
     for prompt, answer in zip(prompts * 2, answers, strict=True):
         assert PAYLOAD_KEY in answer
