@@ -50,16 +50,17 @@ def systematic_topk(
 
 def _draw(pi: npt.NDArray[np.float64], top_k: int, rng: np.random.Generator) -> TopK:
     num_rows, num_experts = pi.shape
-    order = np.argsort(rng.random((num_rows, num_experts)), axis=1)  # a random expert order per row
+    experts = np.broadcast_to(np.arange(num_experts, dtype=np.int64), (num_rows, num_experts))
+    order = rng.permuted(experts, axis=1)  # a random expert order per row
     cum = np.cumsum(np.clip(np.take_along_axis(pi, order, axis=1), 0.0, 1.0), axis=1)
     cum *= top_k / cum[:, -1:]  # exact total k despite rounding
     u = rng.random((num_rows, 1))
     u[u == 0.0] = 0.5
-    # points u + j (j = 0..k-1) at or below cum: floor(cum - u) + 1, clipped below at 0
-    hits = np.floor(cum - u).astype(np.int64) + 1
-    np.maximum(hits, 0, out=hits)
-    hits = np.minimum(hits, top_k)
-    chosen = np.diff(hits, axis=1, prepend=0) > 0  # [rows, E]: this interval holds a point
+    # points u + j (j = 0..k-1) at or below cum: floor(cum - u) + 1, clipped to [0, k]
+    hits = np.clip(np.floor(cum - u).astype(np.int64) + 1, 0, top_k)
+    chosen = np.empty((num_rows, num_experts), dtype=bool)  # this expert's interval holds a point
+    chosen[:, 0] = hits[:, 0] > 0
+    np.greater(hits[:, 1:], hits[:, :-1], out=chosen[:, 1:])
     rows, cols = np.nonzero(chosen)
     if rows.size != num_rows * top_k:  # pragma: no cover - guarded by the pi checks above
         raise InvalidInputError("systematic sampling did not draw exactly top_k experts per row")

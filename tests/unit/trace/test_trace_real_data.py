@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from eldr.trace.format import Trace
 from eldr.trace.olmoe import (
     DOMAINS,
     LAYERS,
@@ -67,6 +68,12 @@ def test_real_trace_conserves_counts_and_separates_calibration() -> None:
         )
     corr = correlations(trace)
     assert all(np.isfinite(v) for v in corr.request.values())
-    locality = batch_locality(trace, 16, num_steps=50)
+    locality = batch_locality(trace, 16, num_steps=400)
     assert 0 < locality.same_overall <= NUM_EXPERTS and 0 < locality.mixed <= NUM_EXPERTS
+    # decode steps drawn from the counts (systematic sampling) match the exact per-token choices
+    sampled = batch_locality(
+        Trace(**{**trace.__dict__, "decode_topk": None, "decode_offsets": None}), 16, 400
+    )
+    assert sampled.mixed == pytest.approx(locality.mixed, rel=0.02)
+    assert sampled.same_overall == pytest.approx(locality.same_overall, rel=0.02)
     assert set(trace.domain.tolist()) == {"book", "wikipedia"} and set(DOMAINS) >= set(locality.same)
