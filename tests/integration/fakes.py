@@ -245,7 +245,10 @@ class ServerThread:
     def _run(self) -> None:
         self.loop = asyncio.new_event_loop()
         asyncio.set_event_loop(self.loop)
-        self.loop.run_until_complete(self.server.serve())
+        try:
+            self.loop.run_until_complete(self.server.serve())
+        finally:
+            self.loop.close()  # its self-pipe sockets too
 
     def __enter__(self) -> ServerThread:
         self.thread.start()

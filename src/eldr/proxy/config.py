@@ -141,6 +141,28 @@ FIELD_NAMES = tuple(f.name for f in dataclasses.fields(ServeConfig))
 _TUPLES = ("prefill", "decode", "models")
 
 
+_KINDS = {f.name: str(f.type) for f in dataclasses.fields(ServeConfig)}
+
+
+def _typed(name: str, value: Any) -> Any:
+    """`value` checked against the field's declared type (YAML may hold anything)."""
+    kind = _KINDS[name]
+    if value is None and kind.endswith("| None"):
+        return None
+    if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind == "float" and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if kind.startswith("str") and isinstance(value, str):
+        return value
+    if kind.startswith("tuple") and isinstance(value, tuple) and all(isinstance(v, str) for v in value):
+        return value
+    expected = {"int": "an integer", "float": "a number"}.get(
+        kind, "text" if kind.startswith("str") else "a list of text"
+    )
+    raise ConfigError(f"{name} must be {expected}, got {value!r}")
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """The config file's mapping; unknown keys are an error (a typo must not pass silently)."""
     import yaml  # type: ignore[import-untyped]
@@ -172,6 +194,8 @@ def build_config(file_values: dict[str, Any], flag_values: dict[str, Any]) -> Se
             merged[name] = tuple(value)
     merged.setdefault("prefill", ())
     merged.setdefault("decode", ())
+    for name, value in merged.items():
+        merged[name] = _typed(name, value)
     try:
         return ServeConfig(**merged)
     except TypeError as exc:

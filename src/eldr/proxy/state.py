@@ -71,7 +71,8 @@ class ProxyState:
         return tuple(sorted({m for w in self.all_workers() for m in w.models}))
 
     async def start(self) -> None:
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=512)
+        # idle connections expire before the engines' (uvicorn's 5 s) keep-alive timeout to avoid reuse races
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=512, keepalive_expiry=2.0)
         timeout = httpx.Timeout(self.config.prefill_timeout_s, connect=self.config.connect_timeout_s)
         self.client = httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False)
         self.forwarder = Forwarder(
