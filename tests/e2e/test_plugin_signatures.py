@@ -50,6 +50,20 @@ def _prefill(engine: Engine, token_ids: list[int]) -> tuple[np.ndarray, dict[str
     return decode_counts(params[PAYLOAD_KEY]), params[PAYLOAD_KEY]
 
 
+def _assert_exact(counts: np.ndarray, reference: Any, token_ids: list[int]) -> None:
+    """Counts equal the transformers run's, except that a numerical near tie (k-th and (k+1)-th router
+    logits within 1e-3 in the transformers run) may go either way: two correct float32 kernels differ
+    in the last bits. Each difference must be explained by its own near tie."""
+    from eldr.testing.reference import explained_by_ties
+
+    expected, ties = reference.counts_and_ties(token_ids)
+    np.testing.assert_array_equal(counts.sum(axis=1), expected.sum(axis=1))
+    num_used = explained_by_ties(counts, expected, ties)
+    if num_used is None:
+        np.testing.assert_array_equal(counts, expected)  # shows the difference
+    assert num_used is not None
+
+
 def _metric(engine: Engine, name: str) -> float:
     with urllib.request.urlopen(f"{engine.url}/metrics", timeout=10) as response:
         text = response.read().decode()
@@ -66,14 +80,14 @@ def test_conservation_and_exact_counts_for_a_batch_of_prompts(
         assert counts.shape == (LAYERS, EXPERTS)
         assert payload["num_tokens"] == len(token_ids) and payload["top_k"] == TOP_K
         np.testing.assert_array_equal(counts.sum(axis=1), np.full(LAYERS, len(token_ids) * TOP_K))
-        np.testing.assert_array_equal(counts, reference.counts(token_ids))
+        _assert_exact(counts, reference, token_ids)
 
 
 def test_chunked_prefill_is_exact(plugin_prefill_engine: Engine, reference: Any, encode: Any) -> None:
     token_ids = encode(sample_text(700, 7))
     assert len(token_ids) > 3 * 128  # at least four chunks of --max-num-batched-tokens 128
     counts, _ = _prefill(plugin_prefill_engine, token_ids)
-    np.testing.assert_array_equal(counts, reference.counts(token_ids))
+    _assert_exact(counts, reference, token_ids)
 
 
 def test_prefix_served_from_cache_gives_cold_counts(
@@ -87,7 +101,7 @@ def test_prefix_served_from_cache_gives_cold_counts(
     counts, _ = _prefill(plugin_prefill_engine, second)
     hits = _metric(plugin_prefill_engine, "vllm:prefix_cache_hits_total") - hits_before
     assert hits >= 240, f"expected the shared 256-token prefix to hit the prefix cache, got {hits} tokens"
-    np.testing.assert_array_equal(counts, reference.counts(second))
+    _assert_exact(counts, reference, second)
 
 
 def test_reused_blocks_do_not_leak_old_counts(
@@ -98,7 +112,7 @@ def test_reused_blocks_do_not_leak_old_counts(
     assert sum(len(p) for p in prompts) > PREFILL_NUM_BLOCKS * 128
     for token_ids in prompts:
         counts, _ = _prefill(plugin_prefill_engine, token_ids)
-        np.testing.assert_array_equal(counts, reference.counts(token_ids))
+        _assert_exact(counts, reference, token_ids)
 
 
 def test_32_concurrent_prefills_each_exact(
@@ -108,4 +122,4 @@ def test_32_concurrent_prefills_each_exact(
     with ThreadPoolExecutor(max_workers=32) as pool:
         results = list(pool.map(lambda ids: _prefill(plugin_prefill_engine, ids)[0], prompts))
     for token_ids, counts in zip(prompts, results, strict=True):
-        np.testing.assert_array_equal(counts, reference.counts(token_ids))
+        _assert_exact(counts, reference, token_ids)
