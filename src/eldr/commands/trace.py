@@ -261,10 +261,11 @@ def _print_info(path: str, info: dict[str, Any]) -> None:
     from rich.table import Table
 
     console = Console(highlight=False)
+    console.print(f"{path}: N={info['num_requests']} ({info['num_calibration']} calibration)")
     console.print(
-        f"{path}: N={info['num_requests']} ({info['num_calibration']} calibration)  L={info['num_layers']} "
-        f"(layers {info['layers']} of {info['num_model_layers']})  E={info['num_experts']}  "
-        f"k={info['top_k']}  exact decode: {'yes' if info['has_exact_decode'] else 'no'}"
+        f"L={info['num_layers']} (layers {info['layers']} of {info['num_model_layers']})  "
+        f"E={info['num_experts']}  k={info['top_k']}  "
+        f"exact decode: {'yes' if info['has_exact_decode'] else 'no'}"
     )
     bad = info["conservation_violations"]
     console.print(
