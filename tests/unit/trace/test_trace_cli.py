@@ -125,3 +125,16 @@ def test_build_bad_input_is_exit_2(
     assert main([*argv, *extra]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
+
+
+def test_info_without_domains_skips_the_batch_comparison(
+    make_tiny_trace: Callable[..., Trace], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "t.npz"
+    make_tiny_trace(domain=None).save(path)
+    assert main(["trace", "info", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["domains"] == {} and info["distinct_experts"] == {}
+    assert set(info["request_correlation"]) == {"all"}
+    assert main(["trace", "info", str(path)]) == 0
+    assert "n/a (the trace has no domain labels)" in capsys.readouterr().out
