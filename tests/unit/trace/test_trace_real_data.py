@@ -18,7 +18,8 @@ from eldr.trace.olmoe import (
     load_tokenizer,
     route_domain,
 )
-from eldr.trace.stats import batch_locality, correlations
+from eldr.trace.sampling import topk_from_counts
+from eldr.trace.stats import batch_locality, correlations, distinct_experts
 
 DATA_DIR = Path(__file__).resolve().parents[3].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(
@@ -76,4 +77,24 @@ def test_real_trace_conserves_counts_and_separates_calibration() -> None:
     )
     assert sampled.mixed == pytest.approx(locality.mixed, rel=0.02)
     assert sampled.same_overall == pytest.approx(locality.same_overall, rel=0.02)
+    # successive sampling (Gumbel top-k over counts / sum) flattens the per-token distribution: more distinct
+    # experts than the exact tokens; systematic sampling matches them (docs/trace-format.md)
+    assert trace.decode_topk is not None and trace.decode_offsets is not None
+    rng = np.random.default_rng(0)
+    picks = rng.choice(trace.num_requests, size=(400, 16))
+    flat = picks.ravel()
+    lo = trace.decode_offsets[flat]
+    width = trace.decode_offsets[flat + 1] - lo
+    exact = trace.decode_topk[lo + (rng.random(flat.size) * width).astype(np.int64)].astype(np.int64)
+    systematic = topk_from_counts(trace.decode_counts[flat], trace.output_tokens[flat], TOP_K, rng)
+    with np.errstate(divide="ignore"):
+        keys = np.log(trace.decode_counts[flat].astype(np.float64)) + rng.gumbel(
+            size=(flat.size, trace.num_layers, NUM_EXPERTS)
+        )
+    gumbel = np.argsort(-keys, axis=2)[:, :, :TOP_K]
+    exact_d, syst_d, gumbel_d = (
+        distinct_experts(x.reshape(400, 16, trace.num_layers, TOP_K), NUM_EXPERTS).mean()
+        for x in (exact, systematic, gumbel)
+    )
+    assert abs(syst_d - exact_d) < 0.01 * exact_d < gumbel_d - exact_d
     assert set(trace.domain.tolist()) == {"book", "wikipedia"} and set(DOMAINS) >= set(locality.same)
