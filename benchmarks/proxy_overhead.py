@@ -308,6 +308,7 @@ def main() -> int:
                         str(NUM_EXPERTS),
                         "--top-k",
                         str(TOP_K),
+                        "--lenient",  # vllm-router forwards the eldr key to the decode; eldr serve strips it
                     ],
                     logs / f"{name}.log",
                 )

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from fakes import FakeEngine, ServerThread
+from fakes import FakeEngine, LoopThread, ServerThread
 
 from eldr.partition import Partition
 from eldr.proxy.app import build_app
@@ -40,13 +40,19 @@ class Cluster:
         **config: Any,
     ) -> None:
         self.stack = ExitStack()
+        self.loop_thread = LoopThread()  # every server of the cluster on one loop
+        self.stack.callback(self.loop_thread.close)
         self.prefill = [
             FakeEngine("prefill", name=f"p{i}", signature=signature, num_layers=engine_layers)
             for i in range(num_prefill)
         ]
         self.decode = [FakeEngine("decode", name=f"d{i}") for i in range(num_decode)]
-        self.prefill_servers = [self.stack.enter_context(ServerThread(e.app())) for e in self.prefill]
-        self.decode_servers = [self.stack.enter_context(ServerThread(e.app())) for e in self.decode]
+        self.prefill_servers = [
+            self.stack.enter_context(ServerThread(e.app(), self.loop_thread)) for e in self.prefill
+        ]
+        self.decode_servers = [
+            self.stack.enter_context(ServerThread(e.app(), self.loop_thread)) for e in self.decode
+        ]
         partition = (
             fake_partition(FakeEngine("prefill"), num_decode)
             if config.get("policy", "eldr") == "eldr"
@@ -61,7 +67,9 @@ class Cluster:
         )
         self.app = build_app(self.config, partition)
         self.state: ProxyState = self.app.state.proxy
-        self.proxy = self.stack.enter_context(ServerThread(self.app))
+        self.proxy = self.stack.enter_context(
+            ServerThread(self.app, self.loop_thread, timeout_keep_alive=int(self.config.keep_alive_s))
+        )
 
     @property
     def url(self) -> str:

