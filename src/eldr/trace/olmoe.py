@@ -35,7 +35,7 @@ from eldr import __version__
 from eldr.errors import ConfigError, InputFileError, InvalidInputError
 from eldr.trace.format import Trace
 from eldr.trace.sampling import systematic_topk
-from eldr.trace.workload import AZURE_KINDS, allocate, load_azure, poisson_arrivals, replay_rows
+from eldr.trace.workload import AZURE_KINDS, AzureTrace, allocate, load_azure, poisson_arrivals, replay_rows
 
 DOMAINS = ("arxiv", "book", "github", "wikipedia")
 ROUTED_TOKENS = 208_896  # tokens per domain text with routing data (102 chunks of 2048)
@@ -219,17 +219,27 @@ def load_tokenizer(data_dir: Path) -> Any:
         raise InputFileError(f"cannot load tokenizer {path}: {exc}") from exc
 
 
-def build_olmoe_trace(
-    data_dir: str | Path, config: OlmoeConfig, on_step: Callable[[str], None] | None = None
-) -> Trace:
-    """Build the trace; `on_step(description)` is called after each unit of work (for progress bars)."""
-    data_dir = Path(data_dir)
-    step = on_step or (lambda _: None)
-    rng = np.random.default_rng(config.seed)
-    tokenizer = load_tokenizer(data_dir)
-    azure = load_azure(data_dir / "workloads" / f"azure2023_{config.azure}.csv")
-    mix = dict(config.mix)
-    active = [name for name, weight in config.mix if weight > 0]
+@dataclass
+class _Plan:
+    """Per-request lengths, arrivals, labels and windows; counts are filled domain by domain."""
+
+    raw_prompt: npt.NDArray[np.int64]  # [N] Azure lengths before clipping
+    raw_output: npt.NDArray[np.int64]
+    prompt: npt.NDArray[np.int64]  # [N] clipped
+    output: npt.NDArray[np.int64]
+    arrival_s: npt.NDArray[np.float64]
+    is_calibration: npt.NDArray[np.bool_]
+    domain: npt.NDArray[np.str_]
+    start: npt.NDArray[np.int64]  # [N] prompt window start in its text
+    prefill: npt.NDArray[np.int64]  # [N, L, E]
+    decode: npt.NDArray[np.int64]  # [N, L, E]
+    splits: dict[str, int]  # domain -> first evaluation position
+    num_cut: int = 0  # requests cut to fit their text region
+
+
+def _plan_requests(
+    config: OlmoeConfig, azure: AzureTrace, active: list[str], rng: np.random.Generator
+) -> _Plan:
     n, m = config.num_requests, config.num_calibration
     if config.is_replay:
         rows, arrival = replay_rows(azure, n)
@@ -237,68 +247,72 @@ def build_olmoe_trace(
         rows = rng.integers(0, azure.num_rows, size=n)
         arrival = poisson_arrivals(n, config.rate, rng)
     raw_prompt, raw_output = azure.prompt_tokens[rows], azure.output_tokens[rows]
-    prompt = np.clip(raw_prompt, 1, config.max_prompt)
-    output = np.clip(raw_output, 1, config.max_output)
     is_calibration = np.arange(n) < m  # the first m arrivals calibrate, the rest are evaluated
     domain = np.empty(n, dtype=f"<U{max(len(d) for d in DOMAINS)}")
+    weights = dict(config.mix)
     for part, size in ((is_calibration, m), (~is_calibration, n - m)):
-        alloc = allocate({name: mix[name] for name in active}, size)
+        alloc = allocate({name: weights[name] for name in active}, size)
         labels = np.repeat(np.array(active), [alloc[name] for name in active])
         domain[part] = rng.permutation(labels)
-
-    prefill = np.zeros((n, len(LAYERS), NUM_EXPERTS), dtype=np.int64)
-    decode = np.zeros_like(prefill)
-    starts = np.zeros(n, dtype=np.int64)
-    num_cut = 0
-    splits: dict[str, int] = {}
-    routed: dict[str, RoutedText] = {}
-    for name in active:
-        text = route_domain(
-            data_dir, name, tokenizer, np.random.default_rng([config.seed, DOMAINS.index(name)])
-        )
-        routed[name] = text
-        cum = prefix_counts(text.topk)  # [P + 1, L, E]
-        split = int(text.num_positions * config.calibration_fraction)
-        splits[name] = split
-        for part, lo, hi in ((is_calibration, 0, split), (~is_calibration, split, text.num_positions)):
-            idx = np.flatnonzero(part & (domain == name))
-            if idx.size == 0:
-                continue
-            if hi - lo < 2:
-                raise InvalidInputError(f"{name}: a text region of {hi - lo} tokens cannot hold a request")
-            output[idx] = np.minimum(output[idx], hi - lo - 1)
-            too_long = prompt[idx] + output[idx] > hi - lo
-            num_cut += int(too_long.sum())
-            prompt[idx] = np.minimum(prompt[idx], hi - lo - output[idx])
-            span = prompt[idx] + output[idx]
-            start = lo + (rng.random(idx.size) * (hi - lo - span + 1)).astype(np.int64)
-            prefill[idx] = cum[start + prompt[idx]] - cum[start]
-            decode[idx] = cum[start + span] - cum[start + prompt[idx]]
-            starts[idx] = start
-        del cum
-        step(f"routed {name}")
-
-    decode_topk = decode_offsets = None
-    if config.is_exact_decode:
-        decode_offsets = np.concatenate([[0], np.cumsum(output)]).astype(np.int64)
-        chunks = [
-            routed[str(domain[i])].topk[starts[i] + prompt[i] : starts[i] + prompt[i] + output[i]]
-            for i in range(n)
-        ]
-        decode_topk = (
-            np.concatenate(chunks, axis=0) if chunks else np.zeros((0, len(LAYERS), TOP_K), np.uint8)
-        )
-    count_dtype = (
-        np.uint16 if max(int(prompt.max()), int(output.max())) <= np.iinfo(np.uint16).max else np.int32
+    return _Plan(
+        raw_prompt=raw_prompt,
+        raw_output=raw_output,
+        prompt=np.clip(raw_prompt, 1, config.max_prompt),
+        output=np.clip(raw_output, 1, config.max_output),
+        arrival_s=arrival,
+        is_calibration=is_calibration,
+        domain=domain,
+        start=np.zeros(n, dtype=np.int64),
+        prefill=np.zeros((n, len(LAYERS), NUM_EXPERTS), dtype=np.int64),
+        decode=np.zeros((n, len(LAYERS), NUM_EXPERTS), dtype=np.int64),
+        splits={},
     )
-    meta: dict[str, Any] = {
+
+
+def _cut_windows(plan: _Plan, name: str, text: RoutedText, fraction: float, rng: np.random.Generator) -> None:
+    """Place the domain's requests in their text regions and fill their counts (prefix-sum differences)."""
+    cum = prefix_counts(text.topk)  # [P + 1, L, E]
+    split = int(text.num_positions * fraction)
+    plan.splits[name] = split
+    prompt, output = plan.prompt, plan.output
+    for part, lo, hi in ((plan.is_calibration, 0, split), (~plan.is_calibration, split, text.num_positions)):
+        idx = np.flatnonzero(part & (plan.domain == name))
+        if idx.size == 0:
+            continue
+        if hi - lo < 2:
+            raise InvalidInputError(f"{name}: a text region of {hi - lo} tokens cannot hold a request")
+        output[idx] = np.minimum(output[idx], hi - lo - 1)
+        plan.num_cut += int(np.sum(prompt[idx] + output[idx] > hi - lo))
+        prompt[idx] = np.minimum(prompt[idx], hi - lo - output[idx])
+        span = prompt[idx] + output[idx]
+        start = lo + (rng.random(idx.size) * (hi - lo - span + 1)).astype(np.int64)
+        plan.prefill[idx] = cum[start + prompt[idx]] - cum[start]
+        plan.decode[idx] = cum[start + span] - cum[start + prompt[idx]]
+        plan.start[idx] = start
+
+
+def _exact_decode(
+    plan: _Plan, routed: dict[str, RoutedText]
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64]]:
+    """Every output window's routed positions, request after request: [sum(output), L, k] and offsets."""
+    offsets = np.concatenate([[0], np.cumsum(plan.output)]).astype(np.int64)
+    begin = plan.start + plan.prompt
+    chunks = [
+        routed[str(plan.domain[i])].topk[begin[i] : begin[i] + plan.output[i]]
+        for i in range(plan.output.size)
+    ]
+    return np.concatenate(chunks, axis=0), offsets
+
+
+def _meta(config: OlmoeConfig, plan: _Plan, routed: dict[str, RoutedText]) -> dict[str, Any]:
+    return {
         "source": "olmoe",
         "builder": f"eldr {__version__} trace build olmoe",
         "attribution": ATTRIBUTION,
         "model": "allenai/OLMoE-1B-7B (64 experts, top-8, 16 MoE layers)",
         "config": {
-            "num_requests": n,
-            "num_calibration": m,
+            "num_requests": config.num_requests,
+            "num_calibration": config.num_calibration,
             "arrivals": "azure-replay" if config.is_replay else f"poisson {config.rate} req/s",
             "azure": config.azure,
             "max_prompt": config.max_prompt,
@@ -309,28 +323,50 @@ def build_olmoe_trace(
             "exact_decode": config.is_exact_decode,
         },
         "clipping": {
-            "prompt_clipped": int(np.sum(raw_prompt > config.max_prompt)),
-            "output_clipped": int(np.sum(raw_output > config.max_output)),
-            "cut_to_fit_region": num_cut,
+            "prompt_clipped": int(np.sum(plan.raw_prompt > config.max_prompt)),
+            "output_clipped": int(np.sum(plan.raw_output > config.max_output)),
+            "cut_to_fit_region": plan.num_cut,
         },
-        "fallback_positions": {name: routed[name].num_fallback for name in active},
-        "routed_positions": {name: routed[name].num_positions for name in active},
+        "fallback_positions": {name: text.num_fallback for name, text in routed.items()},
+        "routed_positions": {name: text.num_positions for name, text in routed.items()},
         # calibration windows lie in text positions [0, split), evaluation windows in [split, P)
-        "calibration_split": splits,
+        "calibration_split": plan.splits,
     }
+
+
+def build_olmoe_trace(
+    data_dir: str | Path, config: OlmoeConfig, on_step: Callable[[str], None] | None = None
+) -> Trace:
+    """Build the trace; `on_step(description)` is called after each domain (for progress bars)."""
+    data_dir = Path(data_dir)
+    rng = np.random.default_rng(config.seed)
+    tokenizer = load_tokenizer(data_dir)
+    azure = load_azure(data_dir / "workloads" / f"azure2023_{config.azure}.csv")
+    active = [name for name, weight in config.mix if weight > 0]
+    plan = _plan_requests(config, azure, active, rng)
+    routed: dict[str, RoutedText] = {}
+    for name in active:
+        domain_rng = np.random.default_rng([config.seed, DOMAINS.index(name)])
+        routed[name] = route_domain(data_dir, name, tokenizer, domain_rng)
+        _cut_windows(plan, name, routed[name], config.calibration_fraction, rng)
+        if on_step is not None:
+            on_step(f"routed {name}")
+    decode_topk, decode_offsets = _exact_decode(plan, routed) if config.is_exact_decode else (None, None)
+    longest = max(int(plan.prompt.max()), int(plan.output.max()))
+    count_dtype = np.uint16 if longest <= np.iinfo(np.uint16).max else np.int32
     return Trace(
-        prefill_counts=prefill.astype(count_dtype),
-        decode_counts=decode.astype(count_dtype),
-        prompt_tokens=prompt.astype(np.int64),
-        output_tokens=output.astype(np.int64),
-        arrival_s=arrival.astype(np.float64),
+        prefill_counts=plan.prefill.astype(count_dtype),
+        decode_counts=plan.decode.astype(count_dtype),
+        prompt_tokens=plan.prompt.astype(np.int64),
+        output_tokens=plan.output.astype(np.int64),
+        arrival_s=plan.arrival_s.astype(np.float64),
         top_k=TOP_K,
         layers=np.array(LAYERS, dtype=np.int64),
         num_model_layers=NUM_MODEL_LAYERS,
-        domain=domain,
-        calibration=is_calibration,
+        domain=plan.domain,
+        calibration=plan.is_calibration,
         decode_topk=decode_topk,
         decode_offsets=decode_offsets,
-        text_offset=starts,
-        meta=meta,
+        text_offset=plan.start,
+        meta=_meta(config, plan, routed),
     )
