@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,7 +29,26 @@ from eldr.testing.tiny_model import sample_text
 
 pytestmark = pytest.mark.e2e
 LAYERS, EXPERTS, TOP_K = 4, 32, 4
-PROMPTS = (sample_text(300, 11), sample_text(300, 12))  # > 2 KV blocks of 128 tokens each
+
+# ExampleConnector stores a prompt's KV at its first scheduling step only; the rig's prefill engine
+# prefills in chunks of 128 tokens (one KV block), so a prompt of 129..256 tokens has exactly one full
+# block stored and one full block to load. Longer prompts would store less than the decode loads.
+MIN_TOKENS, MAX_TOKENS = 140, 250
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_moe_model: Path) -> tuple[str, str]:
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tiny_moe_model / "tokenizer.json"))
+    out = []
+    for seed in (11, 12):
+        words = 20
+        while len(tokenizer.encode(text := sample_text(words, seed)).ids) < MIN_TOKENS:
+            words += 5
+        assert len(tokenizer.encode(text).ids) <= MAX_TOKENS
+        out.append(text)
+    return out[0], out[1]
 
 
 def _metrics(url: str) -> str:
@@ -47,11 +67,14 @@ def _sum(text: str, name: str, **labels: str) -> float:
 
 @pytest.fixture(scope="module")
 def proxy(
-    plugin_prefill_engine: Engine, decode_engines: list[Engine], tmp_path_factory: pytest.TempPathFactory
+    plugin_prefill_engine: Engine,
+    decode_engines: list[Engine],
+    prompts: tuple[str, str],
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[str]:
-    """The proxy as a subprocess; its partition's centroid k is the signature of PROMPTS[k]."""
+    """The proxy as a subprocess; its partition's centroid k is the signature of prompts[k]."""
     signatures = []
-    for prompt in PROMPTS:
+    for prompt in prompts:
         answer = post_json(
             f"{plugin_prefill_engine.url}/v1/completions",
             {"model": "tiny-moe", "prompt": prompt, "max_tokens": 1, "temperature": 0},
@@ -125,9 +148,9 @@ def _stream_text(url: str, body: dict[str, Any]) -> str:
 
 @pytest.mark.parametrize("is_stream", [False, True], ids=["json", "sse"])
 def test_disaggregated_answer_equals_plain_greedy_and_is_routed_by_signature(
-    proxy: str, decode_engines: list[Engine], plain_engine: Engine, is_stream: bool
+    proxy: str, decode_engines: list[Engine], plain_engine: Engine, prompts: tuple[str, str], is_stream: bool
 ) -> None:
-    for k, prompt in enumerate(PROMPTS):
+    for k, prompt in enumerate(prompts):
         body = {"model": "tiny-moe", "prompt": prompt, "max_tokens": 12, "temperature": 0}
         expected = post_json(f"{plain_engine.url}/v1/completions", body)["choices"][0]["text"]
         before_proxy = _metrics(proxy)
