@@ -56,11 +56,13 @@ def _draw(pi: npt.NDArray[np.float64], top_k: int, rng: np.random.Generator) -> 
     cum *= top_k / cum[:, -1:]  # exact total k despite rounding
     u = rng.random((num_rows, 1))
     u[u == 0.0] = 0.5
-    # points u + j (j = 0..k-1) at or below cum: floor(cum - u) + 1, clipped to [0, k]
-    hits = np.clip(np.floor(cum - u).astype(np.int64) + 1, 0, top_k)
-    chosen = np.empty((num_rows, num_experts), dtype=bool)  # this expert's interval holds a point
-    chosen[:, 0] = hits[:, 0] > 0
-    np.greater(hits[:, 1:], hits[:, :-1], out=chosen[:, 1:])
+    # floor(cum - u) + 1 counts the points u + j (j = 0..k-1) at or below cum; an expert is chosen when
+    # that count steps up across its interval (>= -1 since cum >= 0 > u - 1; <= k - 1 since cum <= k,
+    # enforced against rounding)
+    level = np.minimum(np.floor(cum - u), top_k - 1)
+    chosen = np.empty((num_rows, num_experts), dtype=bool)
+    chosen[:, 0] = level[:, 0] >= 0
+    np.greater(level[:, 1:], level[:, :-1], out=chosen[:, 1:])
     rows, cols = np.nonzero(chosen)
     if rows.size != num_rows * top_k:  # pragma: no cover - guarded by the pi checks above
         raise InvalidInputError("systematic sampling did not draw exactly top_k experts per row")
