@@ -2,6 +2,7 @@
 
     python benchmarks/sweeps.py calibrate                    # solve the preset's bandwidth (RR only)
     python benchmarks/sweeps.py run --trace T.npz            # every sweep below, ~15 min here
+    python benchmarks/sweeps.py plot                         # redraw the plots from sweeps.json
 
 `run` writes benchmarks/results/sweeps.json, benchmarks/results/sweeps.md (the tables that
 docs/results.md quotes) and docs/img/sweep_*.png. Sweeps (mi300x-qwen3-30b, tau 0.1, balanced
@@ -69,6 +70,7 @@ class Bench:
         self.cal, self.index = split_calibration(trace, None, 1000)
         self._requests: dict[tuple[int | None, int], Requests] = {}
         self._parts: dict[tuple[str, int, bool], Partition] = {}
+        self._runs: dict[tuple[Any, ...], PolicyMetrics] = {}
 
     def requests(self, output_tokens: int | None, seed: int, rate: float | None) -> Requests:
         key = (output_tokens, seed)
@@ -97,6 +99,32 @@ class Bench:
         tau: float = 0.1,
         balanced: bool = True,
         seed: int = 0,
+    ) -> PolicyMetrics:
+        locality = policy in ("eldr", "oracle")
+        key = (
+            policy,
+            cost,
+            workers,
+            rate,
+            output_tokens,
+            tau if locality else None,
+            balanced or not locality,
+            seed,
+        )
+        if key not in self._runs:
+            self._runs[key] = self._run(policy, cost, workers, rate, output_tokens, tau, balanced, seed)
+        return self._runs[key]
+
+    def _run(
+        self,
+        policy: str,
+        cost: CostModel,
+        workers: int,
+        rate: float,
+        output_tokens: int | None,
+        tau: float,
+        balanced: bool,
+        seed: int,
     ) -> PolicyMetrics:
         cal: CalibrationData = self.cal
         part = self.partition(policy, workers, balanced) if policy in ("eldr", "oracle") else None
@@ -204,25 +232,22 @@ def policy_table(cell: dict[str, dict[str, float]]) -> list[str]:
 
 
 def run_sweeps(args: argparse.Namespace) -> int:
-    from eldr.sim.plot import pyplot
-
-    plt = pyplot()
     started = time.perf_counter()
     trace = Trace.load(args.trace)
     bench = Bench(trace)
     cost = mi300x_qwen3_30b()
     seeds = list(range(args.seeds))
+    sweep_seeds = list(range(args.sweep_seeds))
     lbs = list(LOAD_BALANCERS)
     command = "python benchmarks/sweeps.py " + " ".join(sys.argv[1:])
     header = (
         f"machine: {platform.node()} ({platform.machine()}, 2-core shared VM, no GPU); commit {commit()}; "
         f"command: `{command}`; trace: {args.trace} ({trace.num_requests} requests, "
-        f"{bench.index.size} measured); cost model {cost.name}; medians over seeds {seeds}"
+        f"{bench.index.size} measured); cost model {cost.name}; medians over seeds {seeds} (headline) "
+        f"and {sweep_seeds} (sweeps)"
     )
     results: dict[str, Any] = {"header": header}
     md = ["# Sweep results", "", header, ""]
-    img = ROOT / "docs" / "img"
-    img.mkdir(parents=True, exist_ok=True)
 
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - started:6.0f} s] {msg}", flush=True)
@@ -245,7 +270,7 @@ def run_sweeps(args: argparse.Namespace) -> int:
         log(f"headline {label}: {g}")
 
     rates = [20.0, 40.0, 60.0, 80.0, 100.0]
-    rate_cells = {r: median_over_seeds(bench, [*lbs, "eldr"], cost, seeds, rate=r) for r in rates}
+    rate_cells = {r: median_over_seeds(bench, [*lbs, "eldr"], cost, sweep_seeds, rate=r) for r in rates}
     results["rate"] = {str(r): {"policies": c, "eldr": gain_row(c)} for r, c in rate_cells.items()}
     md += ["## Request rate (16 workers, 512-token outputs)", ""]
     md += [
@@ -261,30 +286,16 @@ def run_sweeps(args: argparse.Namespace) -> int:
         )
     md.append("")
     log("rate sweep done")
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name in [*lbs, "eldr"]:
-        axes[0].plot(rates, [rate_cells[r][name]["tpot_p50_ms"] for r in rates], marker="o", label=name)
-        axes[1].plot(rates, [rate_cells[r][name]["tpot_p99_ms"] for r in rates], marker="o", label=name)
-    axes[0].set_ylabel("median TPOT (ms)")
-    axes[1].set_ylabel("P99 TPOT (ms)")
-    for ax in axes:
-        ax.set_xlabel("request rate (req/s)")
-        ax.legend(fontsize=8)
-    fig.suptitle("rate sweep: 16 decoders, mi300x-qwen3-30b, OLMoE Task-like trace")
-    fig.tight_layout()
-    fig.savefig(img / "sweep_rate.png", dpi=110)
-    plt.close(fig)
-
     taus = [0.0, 0.1, 0.2, 0.3]
     tau_rates = [40.0, 60.0, 80.0]
     md += ["## tau (16 workers, 512-token outputs; vs best load balancer of the same rate)", ""]
     md += ["| req/s | tau | eldr TPOT p50 ms | p50 | p99 | imbalance |", "|---|---|---|---|---|---|"]
     results["tau"] = {}
     for r in tau_rates:
-        base = rate_cells[r] if r in rate_cells else median_over_seeds(bench, lbs, cost, seeds, rate=r)
+        base = rate_cells[r] if r in rate_cells else median_over_seeds(bench, lbs, cost, sweep_seeds, rate=r)
         for tau in taus:
             cell = {n: base[n] for n in lbs}
-            cell.update(median_over_seeds(bench, ["eldr"], cost, seeds, rate=r, tau=tau))
+            cell.update(median_over_seeds(bench, ["eldr"], cost, sweep_seeds, rate=r, tau=tau))
             g = gain_row(cell)
             results["tau"][f"{r:g}/{tau:g}"] = {"eldr": cell["eldr"], "gain": g}
             md.append(
@@ -304,7 +315,7 @@ def run_sweeps(args: argparse.Namespace) -> int:
         base = rate_cells[r]
         for balanced in (True, False):
             cell = {n: base[n] for n in lbs}
-            cell.update(median_over_seeds(bench, ["eldr"], cost, seeds, rate=r, balanced=balanced))
+            cell.update(median_over_seeds(bench, ["eldr"], cost, sweep_seeds, rate=r, balanced=balanced))
             g = gain_row(cell)
             kind = "balanced" if balanced else "plain"
             results["kmeans"][f"{r:g}/{kind}"] = {"eldr": cell["eldr"], "gain": g}
@@ -324,7 +335,7 @@ def run_sweeps(args: argparse.Namespace) -> int:
     results["decoders"] = {}
     for d in (8, 16, 24):
         r = 60.0 * d / 16
-        cell = median_over_seeds(bench, [*lbs, "eldr"], cost, seeds, rate=r, workers=d)
+        cell = median_over_seeds(bench, [*lbs, "eldr"], cost, sweep_seeds, rate=r, workers=d)
         g = gain_row(cell)
         results["decoders"][str(d)] = {"policies": cell, "eldr": g}
         md.append(
@@ -339,6 +350,89 @@ def run_sweeps(args: argparse.Namespace) -> int:
     (out / "sweeps.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "sweeps.md").write_text("\n".join(md))
     print("\n".join(md))
+    return plot_sweeps(argparse.Namespace(results=str(out / "sweeps.json")))
+
+
+def plot_sweeps(args: argparse.Namespace) -> int:
+    """docs/img/sweep_{rate,tau,kmeans,decoders}.png from a sweeps.json."""
+    from eldr.sim.plot import pyplot
+
+    plt = pyplot()
+    res = json.loads(Path(args.results).read_text())
+    img = ROOT / "docs" / "img"
+    img.mkdir(parents=True, exist_ok=True)
+    lbs = list(LOAD_BALANCERS)
+
+    rates = sorted(float(r) for r in res["rate"])
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for name in [*lbs, "eldr"]:
+        cells = [res["rate"][str(r)]["policies"][name] for r in rates]
+        axes[0].plot(rates, [c["tpot_p50_ms"] for c in cells], marker="o", label=name)
+        axes[1].plot(rates, [c["tpot_p99_ms"] for c in cells], marker="o", label=name)
+        axes[2].plot(rates, [c["distinct_experts_per_step"] for c in cells], marker="o", label=name)
+    for ax, label in zip(
+        axes, ("median TPOT (ms)", "P99 TPOT (ms)", "distinct experts per step"), strict=True
+    ):
+        ax.set_xlabel("request rate (req/s)")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    fig.suptitle("rate sweep: 16 decoders, 512-token outputs, mi300x-qwen3-30b, OLMoE Task-like trace")
+    fig.tight_layout()
+    fig.savefig(img / "sweep_rate.png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    tau_keys = [k.split("/") for k in res["tau"]]
+    for rate in sorted({float(r) for r, _ in tau_keys}):
+        taus = sorted(float(t) for r, t in tau_keys if float(r) == rate)
+        gains = [res["tau"][f"{rate:g}/{t:g}"]["gain"] for t in taus]
+        axes[0].plot(taus, [g["p50_pct"] for g in gains], marker="o", label=f"{rate:g} req/s")
+        axes[1].plot(taus, [g["p99_pct"] for g in gains], marker="o", label=f"{rate:g} req/s")
+    for ax, label in zip(axes, ("median TPOT vs best LB (%)", "P99 TPOT vs best LB (%)"), strict=True):
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xlabel("tau")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    fig.suptitle("eldr band width tau (16 decoders, 512-token outputs)")
+    fig.tight_layout()
+    fig.savefig(img / "sweep_tau.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    km_rates = sorted({float(k.split("/")[0]) for k in res["kmeans"]})
+    x = np.arange(len(km_rates))
+    for i, kind in enumerate(("balanced", "plain")):
+        for j, (metric, hatch) in enumerate((("p50_pct", ""), ("p99_pct", "//"))):
+            vals = [res["kmeans"][f"{r:g}/{kind}"]["gain"][metric] for r in km_rates]
+            ax.bar(
+                x + (2 * i + j - 1.5) * 0.2,
+                vals,
+                0.2,
+                hatch=hatch,
+                color=f"C{i}",
+                label=f"{kind} {metric[:3]}",
+            )
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xticks(x, [f"{r:g} req/s" for r in km_rates])
+    ax.set_ylabel("eldr TPOT vs best load balancer (%)")
+    ax.legend(fontsize=8)
+    ax.set_title("balanced vs plain k-means (paper: plain worsens P99 by up to 17.4%)")
+    fig.tight_layout()
+    fig.savefig(img / "sweep_kmeans.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    decoders = sorted(int(d) for d in res["decoders"])
+    ours = [res["decoders"][str(d)]["eldr"]["p50_vs_rr_pct"] for d in decoders]
+    ax.plot(decoders, ours, marker="o", label="simulated (OLMoE Task-like trace)")
+    ax.plot([8, 16, 24], [-8.0, -9.8, -10.2], marker="s", ls="--", label="paper (Qwen3, Language)")
+    ax.set_xlabel("decode workers")
+    ax.set_ylabel("eldr median TPOT vs rr (%)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(img / "sweep_decoders.png", dpi=110)
+    plt.close(fig)
+    print(f"wrote {img}/sweep_{{rate,tau,kmeans,decoders}}.png")
     return 0
 
 
@@ -353,8 +447,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     cal.set_defaults(func=calibrate)
     run = sub.add_parser("run", help="run every sweep and write the results")
     run.add_argument("--trace", required=True, help="the OLMoE Task-like trace (eldr trace build olmoe)")
-    run.add_argument("--seeds", type=int, default=3, help="seeds per cell; medians are quoted (default 3)")
+    run.add_argument(
+        "--seeds", type=int, default=3, help="seeds per headline cell; medians quoted (default 3)"
+    )
+    run.add_argument("--sweep-seeds", type=int, default=1, help="seeds per sweep cell (default 1)")
     run.set_defaults(func=run_sweeps)
+    plot = sub.add_parser("plot", help="redraw docs/img/sweep_*.png from a results file")
+    plot.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "sweeps.json"))
+    plot.set_defaults(func=plot_sweeps)
     args = parser.parse_args(argv)
     code: int = args.func(args)
     return code
