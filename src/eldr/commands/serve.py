@@ -7,6 +7,7 @@ inside `run`, so `eldr --help` works without it.
 from __future__ import annotations
 
 import argparse
+import logging
 from typing import Any
 
 from eldr.errors import ConfigError
@@ -164,6 +165,9 @@ def run(args: argparse.Namespace) -> int:
     from eldr.partition import Partition
 
     config = load_config(args)
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     partition = Partition.load(config.partition) if config.partition and config.policy == "eldr" else None
     app = build_app(config, partition)
     uvicorn.run(

@@ -19,6 +19,7 @@ DECODE_POLICIES = (*LOAD_BALANCERS, "eldr")
 PREFILL_POLICIES = ("least-loaded", "prefix-hash")
 LOAD_SIGNALS = ("router", "blend")
 AUTH_FORWARDING = ("none", "client", "engine-key")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ class ServeConfig:
         _choice("prefill_policy", self.prefill_policy, PREFILL_POLICIES)
         _choice("load_signal", self.load_signal, LOAD_SIGNALS)
         _choice("forward_auth", self.forward_auth, AUTH_FORWARDING)
+        _choice("log_level", self.log_level, LOG_LEVELS)
         if self.policy == "eldr" and self.partition is None:
             raise ConfigError("policy eldr needs --partition (fit one with `eldr fit`)")
         if self.forward_auth == "engine-key" and not self.engine_api_key:
