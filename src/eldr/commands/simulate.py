@@ -35,6 +35,7 @@ def add_sim_arguments(p: argparse.ArgumentParser, *, default_rate: float | None 
     """Flags shared by `eldr simulate` and `eldr demo`."""
     from eldr.sim.costmodel import LAYER_MAPS
     from eldr.sim.presets import PRESETS
+    from eldr.sim.tokens import SAMPLERS
     from eldr.sim.workload import DECODE_MODES
 
     p.add_argument("--workers", type=int, default=16, help="decode workers (default 16)")
@@ -98,6 +99,13 @@ def add_sim_arguments(p: argparse.ArgumentParser, *, default_rate: float | None 
         default="auto",
         help="per-token experts: replay decode_topk when the trace has it (auto, default), or sample",
     )
+    p.add_argument(
+        "--sampler",
+        choices=SAMPLERS,
+        default="gumbel",
+        help="how sampled tokens draw k experts from decode counts: gumbel (successive, default) or "
+        "systematic (keeps each expert's per-token frequency exactly)",
+    )
 
 
 def experiment_of(args: argparse.Namespace) -> Any:
@@ -118,6 +126,7 @@ def experiment_of(args: argparse.Namespace) -> Any:
             output_tokens=args.output_tokens,
             num_calibration=args.num_calibration,
             decode=args.decode,
+            sampler=args.sampler,
             seed=args.seed,
         ),
     )
@@ -170,6 +179,7 @@ def simulate_and_report(args: argparse.Namespace, trace: Any, trace_name: str) -
         "num_measured": next(iter(outcome.metrics.values())).num_requests,
         "output_tokens": args.output_tokens,
         "layer_map": experiment.layer_map,
+        "sampler": args.sampler,
     }
     if args.plot:
         from eldr.sim.plot import plot_policies

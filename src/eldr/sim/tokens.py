@@ -20,8 +20,10 @@ import numpy as np
 import numpy.typing as npt
 
 from eldr.errors import InvalidInputError
+from eldr.trace.sampling import systematic_topk
 
 CHUNK_TOKENS = 32_768
+SAMPLERS = ("gumbel", "systematic")
 WORD_BITS = 64
 
 
@@ -73,8 +75,17 @@ def sample_plan(
     output_tokens: npt.NDArray[np.int64],
     top_k: int,
     seed: int,
+    sampler: str = "gumbel",
 ) -> TokenPlan:
-    """Sample `output_tokens[i]` tokens' top-k per layer from each request's decode counts."""
+    """Sample `output_tokens[i]` tokens' top-k per layer from each request's decode counts.
+
+    `gumbel`: successive sampling (Gumbel top-k) from p = counts / sum. `systematic`: randomised
+    systematic sampling (`eldr.trace.sampling`) with inclusion probabilities pi = k * counts / sum,
+    which keeps every expert's per-token frequency exactly; successive sampling flattens it (the
+    trace helper measured +1.5-3.6% distinct experts in same-domain batches, docs/trace-format.md).
+    """
+    if sampler not in SAMPLERS:
+        raise InvalidInputError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     num_requests, _, num_experts = decode_counts.shape
     if top_k > num_experts:
         raise InvalidInputError(f"top_k {top_k} exceeds the {num_experts} experts of the trace")
@@ -93,6 +104,20 @@ def sample_plan(
     owner = np.repeat(np.arange(num_requests), tokens)  # [T]
     masks = np.empty((int(offsets[-1]), decode_counts.shape[1], num_words(num_experts)), dtype=np.uint64)
     rng = np.random.default_rng(seed)
+    if sampler == "systematic":
+        totals = decode_counts.sum(axis=2, keepdims=True).astype(np.float64)  # [N, L, 1] = T_i * k
+        pi = top_k * decode_counts / np.maximum(totals, 1.0)  # [N, L, E], rows sum to k
+        if np.any(pi > 1 + 1e-9):
+            raise InvalidInputError(
+                "--sampler systematic needs decode counts that choose an expert at most once per token "
+                "(counts <= tokens); these do not"
+            )
+        for start in range(0, owner.size, CHUNK_TOKENS):
+            rows = owner[start : start + CHUNK_TOKENS]
+            flat = pi[rows].reshape(-1, num_experts)  # [t * L, E]
+            ids = systematic_topk(flat, top_k, rng).reshape(rows.size, pi.shape[1], top_k)
+            masks[start : start + rows.size] = topk_to_masks(ids, num_experts)
+        return TokenPlan(masks, offsets)
     for start in range(0, owner.size, CHUNK_TOKENS):
         rows = owner[start : start + CHUNK_TOKENS]
         # exponential race == Gumbel top-k: the k smallest Exp(1) / p are a draw without replacement

@@ -28,7 +28,7 @@ from eldr.policy import (
 )
 from eldr.policy.domain import label_counts_of
 from eldr.sim.engine import Requests
-from eldr.sim.tokens import TokenPlan, replay_plan, sample_plan, subset_plan
+from eldr.sim.tokens import SAMPLERS, TokenPlan, replay_plan, sample_plan, subset_plan
 from eldr.trace.format import Trace
 
 DECODE_MODES = ("auto", "sample", "replay")
@@ -41,6 +41,7 @@ class WorkloadConfig:
     output_tokens: int | None = None  # every request generates exactly this many tokens
     num_calibration: int = 1000  # first requests used for calibration when nothing else says
     decode: str = "auto"  # replay the trace's decode_topk when present (auto), or sample
+    sampler: str = "gumbel"  # how sampled tokens draw their top-k (tokens.SAMPLERS)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -50,6 +51,8 @@ class WorkloadConfig:
             raise ConfigError(f"number of requests must be >= 1, got {self.num_requests}")
         if self.output_tokens is not None and self.output_tokens < 0:
             raise ConfigError(f"output tokens must be >= 0, got {self.output_tokens}")
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
         if self.decode not in DECODE_MODES:
             raise ConfigError(f"decode must be one of {', '.join(DECODE_MODES)}, got {self.decode!r}")
 
@@ -141,7 +144,9 @@ def token_plan(
         full = replay_plan(trace.decode_topk, trace.decode_offsets, trace.output_tokens, trace.num_experts)
         return subset_plan(full, index)
     # seed offset: the plan's randomness is independent of the arrival process
-    return sample_plan(trace.decode_counts[index], out, trace.top_k, seed=config.seed + 7919)
+    return sample_plan(
+        trace.decode_counts[index], out, trace.top_k, seed=config.seed + 7919, sampler=config.sampler
+    )
 
 
 def fit_for(

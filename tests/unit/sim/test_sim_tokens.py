@@ -56,6 +56,24 @@ def test_sampling_frequencies_follow_the_counts() -> None:
     assert freq == pytest.approx([0.6, 0.3, 0.1, 0.0], abs=0.015)
 
 
+def test_systematic_sampler_keeps_inclusion_probabilities() -> None:
+    # 5 tokens of top-2: expert e is in a token with probability counts[e] / 5 under systematic
+    # sampling; successive (Gumbel) sampling flattens that toward uniform
+    counts = np.array([[[4, 3, 2, 1]]])
+    freq = {}
+    for sampler in ("systematic", "gumbel"):
+        masks = sample_plan(counts, np.array([20_000]), 2, seed=5, sampler=sampler).masks[:, 0, 0]
+        assert (np.bitwise_count(masks) == 2).all()
+        freq[sampler] = [float(((masks >> np.uint64(e)) & np.uint64(1)).mean()) for e in range(4)]
+    assert freq["systematic"] == pytest.approx([0.8, 0.6, 0.4, 0.2], abs=0.015)
+    assert freq["gumbel"][0] < 0.75 and freq["gumbel"][3] > 0.22
+
+
+def test_systematic_sampler_rejects_repeated_choices() -> None:
+    with pytest.raises(InvalidInputError, match="at most once per token"):
+        sample_plan(np.array([[[6, 3, 1, 0]]]), np.array([4]), 2, seed=0, sampler="systematic")
+
+
 def test_sampling_is_deterministic_per_seed() -> None:
     counts = np.random.default_rng(0).integers(1, 5, size=(4, 3, 16))
     a = sample_plan(counts, np.array([5, 6, 7, 8]), 2, seed=9)
