@@ -24,20 +24,17 @@ def test_round_trip_keeps_every_array_and_meta(make_tiny_trace: Callable[..., Tr
     assert (loaded.num_requests, loaded.num_layers, loaded.num_experts) == (2, 1, 4)
 
 
-def test_a_trace_written_by_hand_with_numpy_loads(tmp_path: Path) -> None:
-    # the example of docs/trace-format.md
+def test_a_trace_written_by_hand_with_numpy_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    # the example of docs/trace-format.md (the same statements, formatted by ruff)
     rng = np.random.default_rng(0)
     n, num_layers, num_experts, k = 100, 2, 16, 2
-    prompt = rng.integers(1, 200, n)
-    output = rng.integers(1, 50, n)
-    prefill = np.stack(
-        [rng.multinomial(p * k, np.ones(num_experts) / num_experts, size=num_layers) for p in prompt]
-    )
-    decode = np.stack(
-        [rng.multinomial(o * k, np.ones(num_experts) / num_experts, size=num_layers) for o in output]
-    )
+    prompt, output = rng.integers(1, 200, n), rng.integers(1, 50, n)
+    uniform = np.ones(num_experts) / num_experts
+    prefill = np.stack([rng.multinomial(p * k, uniform, size=num_layers) for p in prompt])  # [N, L, E]
+    decode = np.stack([rng.multinomial(o * k, uniform, size=num_layers) for o in output])  # [N, L, E]
     np.savez(
-        tmp_path / "hand.npz",
+        "hand.npz",
         prefill_counts=prefill,
         decode_counts=decode,
         prompt_tokens=prompt,
@@ -50,6 +47,7 @@ def test_a_trace_written_by_hand_with_numpy_loads(tmp_path: Path) -> None:
     )
     trace = Trace.load(tmp_path / "hand.npz")
     assert trace.num_requests == n and trace.domain is not None and trace.meta == {}
+    assert trace.num_layers == num_layers and trace.num_experts == num_experts and trace.top_k == k
 
 
 BAD_FIELDS: list[tuple[str, dict[str, Any], str]] = [
