@@ -37,18 +37,20 @@ MIN_TOKENS, MAX_TOKENS = 140, 250
 
 
 @pytest.fixture(scope="module")
-def prompts(tiny_moe_model: Path) -> tuple[str, str]:
+def prompts(tiny_moe_model: Path) -> dict[str, tuple[str, str]]:
+    """Two prompts per test variant: a decode that already holds a prompt's KV would not load it."""
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(tiny_moe_model / "tokenizer.json"))
-    out = []
-    for seed in (11, 12):
+
+    def text_of(seed: int) -> str:
         words = 20
         while len(tokenizer.encode(text := sample_text(words, seed)).ids) < MIN_TOKENS:
             words += 5
         assert len(tokenizer.encode(text).ids) <= MAX_TOKENS
-        out.append(text)
-    return out[0], out[1]
+        return text
+
+    return {"json": (text_of(11), text_of(12)), "sse": (text_of(21), text_of(22))}
 
 
 def _metrics(url: str) -> str:
@@ -69,20 +71,28 @@ def _sum(text: str, name: str, **labels: str) -> float:
 def proxy(
     plugin_prefill_engine: Engine,
     decode_engines: list[Engine],
-    prompts: tuple[str, str],
+    prompts: dict[str, tuple[str, str]],
     tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[str]:
-    """The proxy as a subprocess; its partition's centroid k is the signature of prompts[k]."""
-    signatures = []
-    for prompt in prompts:
-        answer = post_json(
-            f"{plugin_prefill_engine.url}/v1/completions",
-            {"model": "tiny-moe", "prompt": prompt, "max_tokens": 1, "temperature": 0},
-        )
-        signatures.append(decode_counts(answer["kv_transfer_params"][PAYLOAD_KEY]))
+) -> Iterator[tuple[str, dict[str, list[int]]]]:
+    """The proxy as a subprocess, and the decode each prompt must go to.
+
+    Centroid k is the signature of the k-th "json" prompt; with tau = 0 every prompt goes to the most
+    similar centroid (computed here from the plugin's own counts).
+    """
     transform = SignatureTransform(np.ones((LAYERS, EXPERTS), np.float32), tuple(range(LAYERS)))
-    centroids = transform.apply(np.stack(signatures)).astype(np.float32)
+    vectors = {}
+    for variant, pair in prompts.items():
+        counts = []
+        for prompt in pair:
+            answer = post_json(
+                f"{plugin_prefill_engine.url}/v1/completions",
+                {"model": "tiny-moe", "prompt": prompt, "max_tokens": 1, "temperature": 0},
+            )
+            counts.append(decode_counts(answer["kv_transfer_params"][PAYLOAD_KEY]))
+        vectors[variant] = transform.apply(np.stack(counts)).astype(np.float32)
+    centroids = vectors["json"]
     assert float(centroids[0] @ centroids[1]) < 0.999, "the two prompts must have different signatures"
+    expected = {v: [int(np.argmax(centroids @ vec)) for vec in vecs] for v, vecs in vectors.items()}
     work = tmp_path_factory.mktemp("proxy")
     Partition(transform, centroids, TOP_K, (0, 1)).save(work / "part.npz")
     port = free_port()
@@ -125,7 +135,7 @@ def proxy(
                 pass
             assert process.poll() is None and time.monotonic() < deadline, (work / "proxy.log").read_text()
             time.sleep(0.3)
-        yield url
+        yield url, expected
     finally:
         process.terminate()
         process.wait(20)
@@ -146,21 +156,26 @@ def _stream_text(url: str, body: dict[str, Any]) -> str:
     return "".join(pieces)
 
 
-@pytest.mark.parametrize("is_stream", [False, True], ids=["json", "sse"])
+@pytest.mark.parametrize("variant", ["json", "sse"])
 def test_disaggregated_answer_equals_plain_greedy_and_is_routed_by_signature(
-    proxy: str, decode_engines: list[Engine], plain_engine: Engine, prompts: tuple[str, str], is_stream: bool
+    proxy: tuple[str, dict[str, list[int]]],
+    decode_engines: list[Engine],
+    plain_engine: Engine,
+    prompts: dict[str, tuple[str, str]],
+    variant: str,
 ) -> None:
-    for k, prompt in enumerate(prompts):
+    url, expected = proxy
+    for prompt, k in zip(prompts[variant], expected[variant], strict=True):
         body = {"model": "tiny-moe", "prompt": prompt, "max_tokens": 12, "temperature": 0}
-        expected = post_json(f"{plain_engine.url}/v1/completions", body)["choices"][0]["text"]
-        before_proxy = _metrics(proxy)
+        reference = post_json(f"{plain_engine.url}/v1/completions", body)["choices"][0]["text"]
+        before_proxy = _metrics(url)
         before_hits = [_sum(_metrics(e.url), "vllm:external_prefix_cache_hits_total") for e in decode_engines]
-        if is_stream:
-            text = _stream_text(proxy, {**body, "stream": True})
+        if variant == "sse":
+            text = _stream_text(url, {**body, "stream": True})
         else:
-            text = post_json(f"{proxy}/v1/completions", body)["choices"][0]["text"]
-        assert text == expected
-        after_proxy = _metrics(proxy)
+            text = post_json(f"{url}/v1/completions", body)["choices"][0]["text"]
+        assert text == reference
+        after_proxy = _metrics(url)
         delta = {
             name: _sum(after_proxy, name, **labels) - _sum(before_proxy, name, **labels)
             for name, labels in (
