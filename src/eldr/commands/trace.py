@@ -236,6 +236,9 @@ def summarise(trace: Trace, batch_sizes: list[int], num_steps: int, seed: int) -
         "distinct_experts": locality,
         "distinct_experts_steps": num_steps,
         "seed": seed,
+        "source": trace.meta.get("source"),
+        "attribution": trace.meta.get("attribution"),
+        "clipping": trace.meta.get("clipping"),
     }
 
 
@@ -267,6 +270,14 @@ def _print_info(path: str, info: dict[str, Any]) -> None:
         f"E={info['num_experts']}  k={info['top_k']}  "
         f"exact decode: {'yes' if info['has_exact_decode'] else 'no'}"
     )
+    if info["source"] is not None:
+        console.print(f"source: {info['source']}  ({info['attribution'] or 'no attribution recorded'})")
+    clip = info["clipping"]
+    if isinstance(clip, dict) and {"prompt_clipped", "output_clipped", "cut_to_fit_region"} <= clip.keys():
+        console.print(
+            f"clipped when built: {clip['prompt_clipped']} prompts, {clip['output_clipped']} outputs, "
+            f"{clip['cut_to_fit_region']} cut to fit their text region"
+        )
     bad = info["conservation_violations"]
     console.print(
         "conservation (counts = tokens x k in every layer): "

@@ -138,3 +138,13 @@ def test_info_without_domains_skips_the_batch_comparison(
     assert set(info["request_correlation"]) == {"all"}
     assert main(["trace", "info", str(path)]) == 0
     assert "n/a (the trace has no domain labels)" in capsys.readouterr().out
+
+
+def test_info_tolerates_foreign_meta(
+    make_tiny_trace: Callable[..., Trace], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "t.npz"
+    make_tiny_trace(meta={"source": "someone's script", "clipping": {"prompts": 3}}).save(path)
+    assert main(["trace", "info", str(path), "--steps", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "source: someone's script  (no attribution recorded)" in out and "clipped when built" not in out
