@@ -64,6 +64,7 @@ class FakeEngine:
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
+        self._payloads: dict[str, dict[str, Any]] = {}
 
     def next_failure(self, is_stream: bool) -> str | None:
         if self.fail_next:
@@ -157,9 +158,12 @@ class FakeEngine:
             "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": 1},
         }
         if self.signature == "eldr":
-            kv["eldr"] = encode_counts(
-                self.counts_for(prompt), num_tokens=len(prompt.split() or ["x"]), top_k=self.top_k
-            )
+            if prompt not in self._payloads:  # answer at once: a prompt's payload is computed once
+                counts = self.counts_for(prompt)
+                self._payloads[prompt] = encode_counts(
+                    counts, num_tokens=len(prompt.split() or ["x"]), top_k=self.top_k
+                )
+            kv["eldr"] = self._payloads[prompt]
         elif self.signature == "malformed":
             kv["eldr"] = {"v": 1, "layers": self.num_layers, "experts": self.num_experts, "counts": "!!"}
         elif self.signature == "prompt_routed_experts":
