@@ -52,7 +52,8 @@ def _draw(pi: npt.NDArray[np.float64], top_k: int, rng: np.random.Generator) -> 
     num_rows, num_experts = pi.shape
     experts = np.broadcast_to(np.arange(num_experts, dtype=np.int64), (num_rows, num_experts))
     order = rng.permuted(experts, axis=1)  # a random expert order per row
-    cum = np.cumsum(np.clip(np.take_along_axis(pi, order, axis=1), 0.0, 1.0), axis=1)
+    flat = order + (np.arange(num_rows, dtype=np.int64) * num_experts)[:, None]  # row-major positions
+    cum = np.cumsum(np.clip(np.ascontiguousarray(pi).ravel()[flat], 0.0, 1.0), axis=1)
     cum *= top_k / cum[:, -1:]  # exact total k despite rounding
     u = rng.random((num_rows, 1))
     u[u == 0.0] = 0.5
