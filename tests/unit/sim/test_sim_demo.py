@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,3 +34,12 @@ def test_full_demo_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     out = capsys.readouterr().out
     for name in ("rr", "random", "jsq", "p2c", "domain", "eldr", "oracle"):
         assert f"│ {name}" in out
+
+
+def test_demo_without_matplotlib_is_one_clear_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    assert main(["demo", "--requests", "50", "--policies", "rr"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "pip install 'eldr[plot]'" in err and len(err.splitlines()) == 1
