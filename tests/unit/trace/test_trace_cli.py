@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -148,3 +149,13 @@ def test_info_tolerates_foreign_meta(
     assert main(["trace", "info", str(path), "--steps", "5"]) == 0
     out = capsys.readouterr().out
     assert "source: someone's script  (no attribution recorded)" in out and "clipped when built" not in out
+
+
+def test_build_without_the_tokenizer_extra_is_one_line(
+    fake_data: FakeData, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # import tokenizers -> ImportError
+    argv = ["trace", "build", "olmoe", "--data-dir", str(fake_data.root), "--num-requests", "5"]
+    assert main([*argv, "--calibration", "0", "--out", str(tmp_path / "t.npz")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'eldr[trace]'" in err
