@@ -64,6 +64,12 @@ def start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(args, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def write_partition(path: Path, num_decode: int) -> None:
     from eldr.partition import Partition
     from eldr.signature import SignatureTransform
@@ -150,7 +156,7 @@ async def load(
 
         t = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return {"rps": done / (time.perf_counter() - t), "errors": errors}
+        return {"rps": done / (time.perf_counter() - t), "errors": errors, "done": done}
 
 
 def run_load(target: dict[str, Any], stream: bool, mode: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -347,7 +353,7 @@ def main() -> int:
                 "prefill": urls["prefill"],
                 "decode": urls["decode0"],
             },
-            "eldr serve": {"kind": "proxy", "url": urls["proxy"]},
+            "eldr serve": {"kind": "proxy", "url": urls["proxy"], "pid": procs[-1].pid},
         }
         if router_bin:
             procs.append(
@@ -374,12 +380,23 @@ def main() -> int:
                 )
             )
             wait_ready(urls["router"] + "/health")
-            targets["vllm-router (Rust, PD mode)"] = {"kind": "proxy", "url": urls["router"]}
+            targets["vllm-router (Rust, PD mode)"] = {
+                "kind": "proxy",
+                "url": urls["router"],
+                "pid": procs[-1].pid,
+            }
         rows = []
         for stream in (False, True):
             for name, target in targets.items():
                 lat = run_load(target, stream, "latency", args)
-                rate = run_load(target, stream, "rate", args) if target["kind"] == "proxy" else {}
+                rate: dict[str, Any] = {}
+                if target["kind"] == "proxy":  # the router process's CPU time per request at full rate
+                    cpu_before = cpu_seconds(target["pid"])
+                    rate = run_load(target, stream, "rate", args)
+                    if rate.get("done"):
+                        rate["cpu_ms_per_request"] = (
+                            (cpu_seconds(target["pid"]) - cpu_before) / rate["done"] * 1e3
+                        )
                 rows.append({"mode": "stream" if stream else "json", "target": name, **lat, **rate})
                 print(json.dumps(rows[-1]))
     finally:
@@ -408,8 +425,8 @@ def write_results(
         "tokens, prefill answer carries the 48 x 128 eldr payload. Load generator: httpx in its own process.",
         "",
         "| mode | target | p50 ms | p99 ms | added p50 ms vs decode only | added p50 ms vs client "
-        f"prefill+decode | req/s at concurrency {args.concurrency} |",
-        "|---|---|---|---|---|---|---|",
+        f"prefill+decode | req/s at concurrency {args.concurrency} | router CPU ms per request |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for mode in ("json", "stream"):
         by = {r["target"]: r for r in rows if r["mode"] == mode}
@@ -417,7 +434,7 @@ def write_results(
         two = by["client does prefill + decode"].get("p50_ms")
         for name, r in by.items():
             if "error" in r:
-                lines.append(f"| {mode} | {name} | failed: {r['error']} | | | | |")
+                lines.append(f"| {mode} | {name} | failed: {r['error']} | | | | | |")
                 continue
             add = (
                 f"{r['p50_ms'] - base:+.2f}" if base is not None and name != "decode only (baseline)" else ""
@@ -432,8 +449,10 @@ def write_results(
                 if "rps" in r
                 else ""
             )
+            cpu = f"{r['cpu_ms_per_request']:.2f}" if "cpu_ms_per_request" in r else ""
             lines.append(
-                f"| {mode} | {name} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {add} | {add2} | {rps} |"
+                f"| {mode} | {name} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {add} | {add2} | {rps} "
+                f"| {cpu} |"
             )
     if not has_router:
         lines.append("\nvllm-router was not available: its rows are missing.")
