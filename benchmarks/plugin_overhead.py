@@ -75,9 +75,17 @@ def main() -> int:
     parser.add_argument(
         "--reps", type=int, default=40, help="timed requests per engine and length (default 40)"
     )
+    parser.add_argument(
+        "--executor",
+        choices=("mp", "uni"),
+        default="mp",
+        help="vLLM executor: mp (worker process, vLLM's default) or uni (worker inside the engine core)",
+    )
     parser.add_argument("--warmup", type=int, default=5, help="untimed requests per engine and length first")
     parser.add_argument(
-        "--out", default="benchmarks/results/plugin_overhead.md", help="results file (markdown)"
+        "--out",
+        default="benchmarks/results/plugin_overhead.md",
+        help="results file (markdown; raw times beside it)",
     )
     args = parser.parse_args()
 
@@ -86,6 +94,8 @@ def main() -> int:
     model_dir = write_tiny_moe(work / "model", spec)
     vocab_size = len(json.loads((model_dir / "tokenizer.json").read_text())["model"]["vocab"])
     common = ("--no-enable-prefix-caching", "--max-num-batched-tokens", "2048")
+    if args.executor == "uni":
+        common = (*common, "--distributed-executor-backend", "uni")
     specs = [
         EngineSpec("compiled", model_dir, extra_args=common),
         EngineSpec("eager", model_dir, extra_args=(*common, *PLUGIN_ENGINE_ARGS)),
@@ -124,7 +134,7 @@ def main() -> int:
         "",
         f"Machine: {platform.machine()} {platform.system()}, {_num_cpus()} CPUs, shared VM, no GPU; "
         f"vLLM {_vllm_version()}; commit {commit}; command: "
-        f"`.venv/bin/python benchmarks/plugin_overhead.py --reps {args.reps}`.",
+        f"`.venv/bin/python benchmarks/plugin_overhead.py --reps {args.reps} --executor {args.executor}`.",
         f"Model: tiny random Qwen3-MoE ({spec.num_layers} layers, {spec.num_experts} experts, "
         f"top-{spec.top_k}, hidden {spec.hidden_size}, float32); prefix caching off; "
         f"median of {args.reps} requests each.",
