@@ -20,7 +20,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,18 +27,11 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import nnls
 
+from provenance import commit
+
 HIDDEN, INTER, NUM_EXPERTS, TOP_K = 1024, 512, 64, 8
 ACTIVE = (8, 16, 24, 32, 40, 48, 56, 64)
 BATCHES = (16, 64)
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def moe_forward(

@@ -11,26 +11,17 @@ benchmarks/results/fit_speed.md.
 from __future__ import annotations
 
 import argparse
-import platform
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 
-from eldr.calibrate import FitConfig, fit_transform
+from eldr.calibrate import fit_transform
 from eldr.kmeans import spherical_kmeans
 from eldr.synthetic import planted_clusters
+from provenance import commit, machine
 
 NUM_LAYERS, NUM_EXPERTS, TOP_K, NUM_WORKERS = 48, 128, 8, 16
-
-
-def commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def fit_once(n: int, seed: int) -> dict[str, float]:
@@ -62,7 +53,9 @@ def fit_once(n: int, seed: int) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", default="1000,5000,20000")
     parser.add_argument("--repeats", type=int, default=3, help="runs per size (seeds 0..R-1); medians")
     parser.add_argument("--out", default="benchmarks/results/fit_speed.md")
@@ -74,9 +67,9 @@ def main() -> None:
         rows.append((n, len(runs), med))
         print(f"N={n}: {med}", flush=True)
     header = (
-        f"# `eldr fit` time (L={NUM_LAYERS}, E={NUM_EXPERTS}, K={NUM_WORKERS}, 30,000 pairs, mask included)\n\n"
-        f"machine: {platform.machine()} 2-core shared VM, Python {platform.python_version()}, "
-        f"numpy {np.__version__}; commit {commit()}; command: "
+        f"# `eldr fit` time (L={NUM_LAYERS}, E={NUM_EXPERTS}, K={NUM_WORKERS}, 30,000 pairs, "
+        "mask included)\n\n"
+        f"machine: {machine()}, numpy {np.__version__}; commit {commit()}; command: "
         f"`python benchmarks/fit_speed.py --sizes {args.sizes} --repeats {args.repeats}`\n\n"
         "| N | runs | total s (median) | IDF + layer mask s | balanced k-means s | iterations | "
         "max cluster (cap ceil(N/K)) |\n|---:|---:|---:|---:|---:|---:|---:|\n"

@@ -9,8 +9,6 @@ spends 0.15 ms). Reports p50/p99 for K = 16, 64, 256 and writes benchmarks/resul
 from __future__ import annotations
 
 import argparse
-import platform
-import subprocess
 import time
 from pathlib import Path
 
@@ -19,17 +17,9 @@ import numpy as np
 from eldr.calibrate import FitConfig, fit_partition
 from eldr.policy import LocalityBandPolicy, RequestView, WorkersView
 from eldr.synthetic import planted_clusters
+from provenance import commit, machine
 
 NUM_LAYERS, NUM_EXPERTS, TOP_K = 48, 128, 8
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def time_decisions(num_workers: int, num_decisions: int, seed: int = 0) -> np.ndarray:
@@ -60,7 +50,9 @@ def time_decisions(num_workers: int, num_decisions: int, seed: int = 0) -> np.nd
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--decisions", type=int, default=20_000)
     parser.add_argument("--out", default="benchmarks/results/route_speed.md")
     args = parser.parse_args()
@@ -70,8 +62,7 @@ def main() -> None:
         rows.append((k, float(np.median(us)), float(np.percentile(us, 99))))
     header = (
         f"# Routing decision latency (L={NUM_LAYERS}, E={NUM_EXPERTS}, tau=0.1)\n\n"
-        f"machine: {platform.machine()} {platform.processor() or ''} 2-core shared VM, "
-        f"Python {platform.python_version()}, numpy {np.__version__}; commit {commit()}; "
+        f"machine: {machine()}, numpy {np.__version__}; commit {commit()}; "
         f"command: `python benchmarks/route_speed.py --decisions {args.decisions}`\n\n"
         "| K (workers) | p50 µs | p99 µs |\n|---:|---:|---:|\n"
     )

@@ -23,16 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from provenance import commit
+
 POLICIES = {10_000: "rr,random,jsq,p2c,domain,eldr,oracle", 50_000: "rr,jsq,eldr"}
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def one_size(num_requests: int, policies: str) -> dict[str, object]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -48,18 +47,10 @@ from eldr.sim.workload import (
     split_calibration,
 )
 from eldr.trace.format import Trace
+from provenance import commit
 
 ROOT = Path(__file__).resolve().parent.parent
 ANCHOR_TPOT_MS = 27.0
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, cwd=ROOT
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 class Bench:
