@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import shutil
 import socket
 import subprocess
@@ -33,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from provenance import commit, machine
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKES = ROOT / "tests" / "integration" / "fakes.py"
@@ -235,16 +236,6 @@ def decision_cost(num_decisions: int) -> dict[str, float]:
 # ---------------------------------------------------------------- orchestration
 
 
-def commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, cwd=ROOT
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -418,8 +409,8 @@ def write_results(
     lines = [
         "# eldr serve: proxy overhead against instant fake engines",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs shared with other jobs, no GPU; Python "
-        f"{platform.python_version()}. Commit {commit()}. Command: `python benchmarks/proxy_overhead.py "
+        f"Machine: {machine()} (at the end of the run). Commit {commit()}. "
+        "Command: `python benchmarks/proxy_overhead.py "
         f"--requests {args.requests} --concurrency {args.concurrency} --duration-s {args.duration_s}`.",
         "Fakes: 1 prefill + 2 decode (`tests/integration/fakes.py`, uvicorn), prompt ~200 words, 16 output "
         "tokens, prefill answer carries the 48 x 128 eldr payload. Load generator: httpx in its own process.",
