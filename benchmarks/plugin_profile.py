@@ -7,7 +7,7 @@ prefills of `--tokens` tokens one at a time under cProfile, and reports per requ
 side, ledger and cache on the scheduler side). cProfile inflates small Python calls, so the plugin
 share is an upper bound.
 
-    .venv/bin/python benchmarks/plugin_profile.py [--tokens 256] [--requests 20]
+    .venv/bin/python benchmarks/plugin_profile.py [--tokens 256] [--requests 20] [--out FILE]
 """
 
 from __future__ import annotations
@@ -27,6 +27,11 @@ def main() -> int:
     )
     parser.add_argument("--tokens", type=int, default=256, help="prompt length in tokens (default 256)")
     parser.add_argument("--requests", type=int, default=20, help="profiled requests (default 20)")
+    parser.add_argument(
+        "--out",
+        default="benchmarks/results/plugin_profile.md",
+        help="results file (markdown, a row is appended)",
+    )
     args = parser.parse_args()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -79,12 +84,28 @@ def main() -> int:
         }:
             per_request["plugin"] += cumulative
     ms = {key: value * 1000.0 / args.requests for key, value in per_request.items()}
-    print("| prompt tokens | requests | generate ms | model forward ms | plugin ms | plugin / generate |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
-    print(
-        f"| {args.tokens} | {args.requests} | {ms['total']:.1f} | {ms['forward']:.1f} | {ms['plugin']:.2f} "
-        f"| {ms['plugin'] / ms['total']:.3f} |"
+    import subprocess
+    from importlib.metadata import version
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
+    header = (
+        "# Engine plugin: in-process profile (vllm-cpu)\n\n"
+        f"Machine: 2-CPU shared VM, no GPU; vLLM {version('vllm-cpu')}; tiny random Qwen3-MoE; eager; "
+        "cProfile; per-request means. One row per run of `benchmarks/plugin_profile.py`.\n\n"
+        "| prompt tokens | requests | generate ms | model forward ms | plugin ms | plugin / generate | commit |\n"
+        "| ---: | ---: | ---: | ---: | ---: | ---: | --- |\n"
     )
+    row = (
+        f"| {args.tokens} | {args.requests} | {ms['total']:.1f} | {ms['forward']:.1f} | {ms['plugin']:.2f} "
+        f"| {ms['plugin'] / ms['total']:.3f} | {commit.strip()} |\n"
+    )
+    out = Path(args.out)
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(header)
+    with out.open("a") as handle:
+        handle.write(row)
+    print(header + row, end="")
     return 0
 
 
