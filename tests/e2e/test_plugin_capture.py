@@ -12,7 +12,6 @@ import pytest
 
 from eldr.calibration_data import load_calibration
 from eldr.cli import main
-from eldr.errors import EldrError
 from eldr.payload import PAYLOAD_KEY, decode_counts
 from eldr.testing.engines import PLUGIN_ENGINE_ARGS, Engine, EngineSpec, kv_config, post_json, start_engine
 from eldr.testing.reference import explained_by_ties
@@ -106,14 +105,3 @@ def test_capture_cli_refuses_an_engine_without_decode_recording(
     ]
     assert main([*argv, "--decode-tokens", "4"]) == 2
     assert "eldr_record_decode" in capsys.readouterr().err
-
-
-def test_plugin_refuses_compiled_mode_on_cpu(tiny_moe_model: Path, tmp_path: Path) -> None:
-    spec = EngineSpec("compiled-plugin", tiny_moe_model, kv_config(is_plugin=True, wrapped=None))
-    engine = start_engine(spec, tmp_path)
-    try:
-        with pytest.raises(EldrError, match="failed to start"):
-            engine.wait_healthy(timeout_s=400)
-    finally:
-        engine.stop()
-    assert "needs eager mode" in engine.log_path.read_text(errors="replace")

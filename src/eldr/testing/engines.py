@@ -68,7 +68,12 @@ def kv_config(
     }
 
 
-_FAILED_START = "Engine core initialization failed"
+# log lines after which a starting engine never becomes healthy (its API server may hang instead of exiting)
+_FAILED_START = (
+    "Engine core initialization failed",
+    "EngineCore failed to start",
+    "WorkerProc initialization failed",
+)
 
 
 @dataclass(frozen=True)
@@ -107,7 +112,9 @@ class Engine:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             # a failed engine core can leave the API server process hanging: read the log too
-            if self.process.poll() is not None or _FAILED_START in self.log_tail(2000):
+            if self.process.poll() is not None or any(
+                line in self.log_tail(20_000) for line in _FAILED_START
+            ):
                 self.stop()
                 raise EldrError(
                     f"engine {self.spec.name} failed to start (exit status {self.process.returncode}); "
