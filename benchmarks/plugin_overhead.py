@@ -81,6 +81,12 @@ def main() -> int:
         default="mp",
         help="vLLM executor: mp (worker process, vLLM's default) or uni (worker inside the engine core)",
     )
+    parser.add_argument(
+        "--engines", default="compiled,eager,plugin", help="engines to measure, in this order (default: all three)"
+    )
+    parser.add_argument(
+        "--sequential", action="store_true", help="start and measure one engine at a time, alone"
+    )
     parser.add_argument("--warmup", type=int, default=5, help="untimed requests per engine and length first")
     parser.add_argument(
         "--out",
@@ -106,22 +112,28 @@ def main() -> int:
             extra_args=(*common, *PLUGIN_ENGINE_ARGS),
         ),
     ]
-    engines = [start_engine(s, work / "logs") for s in specs]
-    try:
-        for engine in engines:
-            engine.wait_healthy()
-        times: dict[tuple[str, int], list[float]] = {(e.spec.name, n): [] for e in engines for n in LENGTHS}
-        seed = 0
-        for length in LENGTHS:
-            for rep in range(args.warmup + args.reps):
-                for engine in engines:
-                    seed += 1
-                    elapsed = _time_prefill(engine, _prompt(length, seed, vocab_size))
-                    if rep >= args.warmup:
-                        times[(engine.spec.name, length)].append(elapsed)
-    finally:
-        for engine in engines:
-            engine.stop()
+    by_name = {s.name: s for s in specs}
+    specs = [by_name[name] for name in args.engines.split(",")]  # in the order given
+    # concurrent engines share the 2 cores (and vLLM's busy-polling workers disturb each other);
+    # --sequential runs one engine at a time, alone on the machine
+    groups = [[spec_] for spec_ in specs] if args.sequential else [specs]
+    times: dict[tuple[str, int], list[float]] = {(s.name, n): [] for s in specs for n in LENGTHS}
+    seed = 0
+    for group in groups:
+        engines = [start_engine(s, work / "logs") for s in group]
+        try:
+            for engine in engines:
+                engine.wait_healthy()
+            for length in LENGTHS:
+                for rep in range(args.warmup + args.reps):
+                    for engine in engines:
+                        seed += 1
+                        elapsed = _time_prefill(engine, _prompt(length, seed, vocab_size))
+                        if rep >= args.warmup:
+                            times[(engine.spec.name, length)].append(elapsed)
+        finally:
+            for engine in engines:
+                engine.stop()
 
     medians = {key: statistics.median(values) for key, values in times.items()}
     tiny_cache = BlockSignatureCache(1, spec.num_layers, spec.num_experts, BLOCK_SIZE)
@@ -134,7 +146,8 @@ def main() -> int:
         "",
         f"Machine: {platform.machine()} {platform.system()}, {_num_cpus()} CPUs, shared VM, no GPU; "
         f"vLLM {_vllm_version()}; commit {commit}; command: "
-        f"`.venv/bin/python benchmarks/plugin_overhead.py --reps {args.reps} --executor {args.executor}`.",
+        f"`.venv/bin/python benchmarks/plugin_overhead.py --reps {args.reps} --executor {args.executor} "
+        f"--engines {args.engines}{' --sequential' if args.sequential else ''}`.",
         f"Model: tiny random Qwen3-MoE ({spec.num_layers} layers, {spec.num_experts} experts, "
         f"top-{spec.top_k}, hidden {spec.hidden_size}, float32); prefix caching off; "
         f"median of {args.reps} requests each.",
@@ -143,8 +156,8 @@ def main() -> int:
         "| ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for n in LENGTHS:
-        c, e, p = medians[("compiled", n)], medians[("eager", n)], medians[("plugin", n)]
-        lines.append(f"| {n} | {c:.1f} | {e:.1f} | {p:.1f} | {p / e:.3f} | {p / c:.3f} |")
+        c, e, p = (medians.get((name, n)) for name in ("compiled", "eager", "plugin"))
+        lines.append(f"| {n} | {_ms(c)} | {_ms(e)} | {_ms(p)} | {_ratio(p, e)} | {_ratio(p, c)} |")
     rows = [
         ("tiny model here", spec.num_layers, spec.num_experts, spec.top_k, BLOCK_SIZE, tiny_cache, 1024),
         ("Qwen3-30B-A3B (paper)", 48, 128, 8, 16, qwen_cache, 1024),
@@ -167,6 +180,14 @@ def main() -> int:
     raw_path = Path(args.out).with_suffix(".json")
     raw_path.write_text(json.dumps({f"{k[0]}/{k[1]}": v for k, v in times.items()}, indent=1))
     return 0
+
+
+def _ms(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1f}"
+
+
+def _ratio(num: float | None, den: float | None) -> str:
+    return "—" if num is None or den is None else f"{num / den:.3f}"
 
 
 def _num_cpus() -> int:
