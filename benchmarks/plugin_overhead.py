@@ -82,7 +82,9 @@ def main() -> int:
         help="vLLM executor: mp (worker process, vLLM's default) or uni (worker inside the engine core)",
     )
     parser.add_argument(
-        "--engines", default="compiled,eager,plugin", help="engines to measure, in this order (default: all three)"
+        "--engines",
+        default="compiled,eager,plugin",
+        help="engines to measure, in this order (default: all three)",
     )
     parser.add_argument(
         "--sequential", action="store_true", help="start and measure one engine at a time, alone"
