@@ -13,7 +13,6 @@ when it flags calibration requests (boolean `calibration` [N]) only those are us
 
 from __future__ import annotations
 
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import numpy.typing as npt
 
 from eldr.calibrate import check_calibration
 from eldr.errors import InputFileError, InvalidInputError
+from eldr.npzfile import read_npz
 
 
 @dataclass(frozen=True)
@@ -37,11 +37,7 @@ class CalibrationData:
 
 
 def load_calibration(path: str | Path) -> CalibrationData:
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {name: data[name] for name in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise InputFileError(f"cannot read calibration file {path}: {exc}") from exc
+    arrays = read_npz(path, "calibration file")
     if "prefill_counts" not in arrays:
         raise InputFileError(f"{path} has no 'prefill_counts' array (found: {sorted(arrays)})")
     flags = arrays.get("calibration")

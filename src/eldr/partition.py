@@ -16,7 +16,6 @@ A partition is one `.npz` written with numpy alone and read with `allow_pickle=F
 from __future__ import annotations
 
 import json
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from eldr.errors import InputFileError, PartitionMismatchError
+from eldr.npzfile import read_meta, read_npz
 from eldr.signature import FloatArray, SignatureTransform
 
 FORMAT_NAME = "eldr-partition"
@@ -101,15 +101,11 @@ class Partition:
 
     @classmethod
     def load(cls, path: str | Path) -> Partition:
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {name: data[name] for name in data.files}
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-            raise InputFileError(f"cannot read partition {path}: {exc}") from exc
+        arrays = read_npz(path, "partition")
         missing = {"centroids", "idf", "layers", "worker_of", "meta"} - arrays.keys()
         if missing:
             raise InputFileError(f"{path} is not an eldr partition: missing {sorted(missing)}")
-        meta = json.loads(str(arrays["meta"]))
+        meta = read_meta(arrays, path)
         if meta.get("format") != FORMAT_NAME:
             raise InputFileError(f"{path} is not an eldr partition (format {meta.get('format')!r})")
         if meta.get("version") != FORMAT_VERSION:

@@ -92,3 +92,13 @@ def test_worker_centroids_follow_the_mapping(partition: Partition) -> None:
     np.testing.assert_array_equal(remapped.worker_centroids()[3], partition.centroids[0])
     with pytest.raises(PartitionMismatchError, match="permutation"):
         Partition(partition.transform, partition.centroids, 2, worker_of=(0, 0, 1, 2))
+
+
+def test_load_rejects_broken_metadata(partition: Partition, tmp_path: Path) -> None:
+    path = tmp_path / "part.npz"
+    partition.save(path)
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files}
+    np.savez(path, **{**arrays, "meta": np.asarray("{not json")})
+    with pytest.raises(InputFileError, match="meta is not a JSON string"):
+        Partition.load(path)

@@ -21,7 +21,6 @@ builders that cut requests from texts), `meta` 0-d JSON string (source, attribut
 from __future__ import annotations
 
 import json
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from eldr.errors import InputFileError, InvalidInputError
+from eldr.npzfile import read_meta, read_npz
 from eldr.signature import as_counts
 
 CHECK_ROWS = 262_144  # decode_topk rows per chunk when checking them against decode_counts
@@ -88,25 +88,17 @@ class Trace:
 
     @classmethod
     def load(cls, path: str | Path) -> Trace:
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {name: data[name] for name in data.files}
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-            raise InputFileError(f"cannot read trace {path}: {exc}") from exc
+        arrays = read_npz(path, "trace")
         missing = [name for name in REQUIRED if name not in arrays]
         if missing:
             raise InputFileError(f"{path} is not an eldr trace: missing {missing}")
-        try:
-            meta = json.loads(str(arrays.pop("meta"))) if "meta" in arrays else {}
-        except json.JSONDecodeError as exc:
-            raise InputFileError(f"{path}: meta is not a JSON string: {exc}") from exc
-        if not isinstance(meta, dict):
-            raise InputFileError(f"{path}: meta must be a JSON object")
+        meta = read_meta(arrays, path)
+        arrays.pop("meta", None)
         for name in ("top_k", "num_model_layers"):
             if arrays[name].shape not in ((), (1,)):
                 raise InputFileError(f"{path}: {name} must be a scalar, got shape {arrays[name].shape}")
         known = set(REQUIRED) | set(OPTIONAL)
-        kwargs = {name: value for name, value in arrays.items() if name in known}
+        kwargs: dict[str, Any] = {name: value for name, value in arrays.items() if name in known}
         try:
             return cls(
                 **{
