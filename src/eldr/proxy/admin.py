@@ -70,14 +70,21 @@ async def _url_of(request: Request) -> str:
         raise ProxyError(400, message, "invalid_request_error") from None
 
 
-async def _add_decode(request: Request) -> Response:
+async def _authorized_url(request: Request) -> str | Response:
+    """The body's decode URL of an authorized admin request, or the error response to send."""
     if (denied := _authorized(request)) is not None:
         return error_response(denied)
-    state = request.app.state.proxy
     try:
-        url = await _url_of(request)
+        return await _url_of(request)
     except ProxyError as exc:
         return error_response(exc)
+
+
+async def _add_decode(request: Request) -> Response:
+    url = await _authorized_url(request)
+    if isinstance(url, Response):
+        return url
+    state = request.app.state.proxy
     if state.decode.index_of(url) is not None:
         return error_response(ProxyError(409, f"decode instance {url} is already in the pool", "conflict"))
     state.decode.workers.append(Worker(url, "decode"))
@@ -88,13 +95,10 @@ async def _add_decode(request: Request) -> Response:
 
 
 async def _drain_decode(request: Request) -> Response:
-    if (denied := _authorized(request)) is not None:
-        return error_response(denied)
+    url = await _authorized_url(request)
+    if isinstance(url, Response):
+        return url
     state = request.app.state.proxy
-    try:
-        url = await _url_of(request)
-    except ProxyError as exc:
-        return error_response(exc)
     index = state.decode.index_of(url)
     if index is None:
         return error_response(ProxyError(404, f"no decode instance {url}", "not_found"))
