@@ -190,20 +190,36 @@ def tokenize_prefix(text: str, tokenizer: Any, num_tokens: int) -> npt.NDArray[n
         num_chars *= 2
 
 
-def route_domain(data_dir: Path, domain: str, tokenizer: Any, rng: np.random.Generator) -> RoutedText:
+def read_domain(data_dir: Path, domain: str) -> tuple[str, dict[str, npt.NDArray[Any]]]:
+    """A domain's text and routing arrays.
+
+    Call it from one thread at a time: numpy parses `.npy` headers with `ast.literal_eval`, which
+    CPython 3.11 does not make thread-safe ("AST constructor recursion depth mismatch").
+    """
     text_path = data_dir / "olmoe" / "text" / f"{domain}.txt"
     routing_path = data_dir / "olmoe" / f"token_routing_{domain}.npz"
     try:
         text = text_path.read_text(encoding="utf-8")
         with np.load(routing_path, allow_pickle=False) as data:
-            routing = {name: data[name] for name in data.files}
+            return text, {name: data[name] for name in data.files}
     except (OSError, ValueError) as exc:
         raise InputFileError(f"cannot read OLMoE data for {domain}: {exc}") from exc
+
+
+def route_text(
+    text: str, routing: dict[str, npt.NDArray[Any]], tokenizer: Any, rng: np.random.Generator
+) -> RoutedText:
+    """Tokenize a domain's text and draw every routed position's top-k (thread-safe)."""
     token_ids = tokenize_prefix(text, tokenizer, ROUTED_TOKENS)
     if token_ids.shape[0] < 2:
-        raise InputFileError(f"{text_path} holds fewer than 2 tokens")
+        raise InputFileError("an OLMoE text holds fewer than 2 tokens")
     topk, num_fallback = route_positions(token_ids, routing, rng)
     return RoutedText(topk=topk, num_fallback=num_fallback, num_tokenized=int(token_ids.shape[0]))
+
+
+def route_domain(data_dir: Path, domain: str, tokenizer: Any, rng: np.random.Generator) -> RoutedText:
+    text, routing = read_domain(data_dir, domain)
+    return route_text(text, routing, tokenizer, rng)
 
 
 def load_tokenizer(data_dir: Path) -> Any:
@@ -351,9 +367,8 @@ def build_olmoe_trace(
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {
             name: pool.submit(
-                route_domain,
-                data_dir,
-                name,
+                route_text,
+                *read_domain(data_dir, name),  # files read here, in this thread, one after another
                 tokenizer,
                 np.random.default_rng([config.seed, DOMAINS.index(name)]),
             )
