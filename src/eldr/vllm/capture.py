@@ -1,16 +1,28 @@
-"""Worker side: capture the MoE routers' real top-k ids and fold them into per-KV-block count rows.
+"""Worker side: record the MoE routers' real top-k ids into fixed buffers, fold them per KV block after.
 
 vLLM's MoE routers call a capture callback with the logical `topk_ids` [num_tokens, k] of every
-forward (`BaseRouter.set_capture_fn`, the hook vLLM's own routed-experts capture uses); nothing is
-recomputed. The tokens of a forward are in the same order as the step's slot mapping
-(`ForwardContext.slot_mapping`: token -> physical KV slot = block * block_size + offset), so each
-token's choices are added to the row of the block its KV is written to — no request bookkeeping on
-the worker. `StepFold` accumulates one step; `BlockDelta` is what travels back to the scheduler.
+forward (`BaseRouter.set_capture_fn`, the hook vLLM's own `RoutedExpertsCapturer` uses); nothing is
+recomputed. The callback installed here (`record_topk`) does one thing: copy the ids into the first
+rows of a buffer preallocated per router ([max tokens per step, k] int32). That is a single in-place
+tensor op, so torch.compile traces it into the compiled graph (the router's `if self.capture_fn is not
+None` branch is resolved at trace time) and a CUDA-graph replay repeats it. Everything else happens
+on the host after the forward:
+
+- before the forward, `TapSet.arm` fills the rows of the step's tokens with -1;
+- after it, `TapSet.fold` reads the rows back and adds each token's choices to the row of the KV block
+  its slot belongs to (the step's slot mapping: token -> block * block_size + offset). A row still
+  holding -1 means a router did not record that token in this forward (a compiled graph without the
+  callback, a kernel that routes internally, ...): the whole step is refused, never guessed.
+
+`RouterTap`s are created when the model is built (`eldr.vllm.plugin`, before torch.compile traces it)
+or, in eager mode, when the connector starts; `taps_for` finds them by router.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -18,81 +30,147 @@ import torch
 
 from eldr.vllm.blockcache import BlockDelta, row_dtype
 
+UNWRITTEN = -1  # rows armed for a step; a router overwrites them with expert ids >= 0
 
-class StepFold:
-    """One engine step's router ids folded into `[touched blocks, L, E]` counts."""
 
-    def __init__(self, slots: torch.Tensor, block_size: int, num_layers: int, num_experts: int) -> None:
-        slots = slots.reshape(-1).to(torch.int64)
-        self.num_tokens = int(slots.numel())
-        self.block_size = block_size
-        self.num_layers = num_layers
+def record_topk(buffer: torch.Tensor, topk_ids: torch.Tensor) -> None:
+    """The router callback: this forward's `[n, k]` ids into the buffer's first n rows."""
+    buffer[: topk_ids.shape[0]].copy_(topk_ids)
+
+
+@dataclass
+class RouterTap:
+    """One MoE router's capture buffer and the callback that fills it."""
+
+    layer_id: int
+    router: Any
+    buffer: torch.Tensor  # [max tokens per forward, k] int32
+    callback: Callable[[torch.Tensor], None]  # what `router.capture_fn` was set to (may chain another)
+
+    @property
+    def is_installed(self) -> bool:
+        return self.router.capture_fn is self.callback
+
+
+_TAPS: dict[int, RouterTap] = {}  # id(router) -> tap, for this process's model(s)
+
+
+def install_tap(layer_id: int, router: Any, max_num_tokens: int, *, is_timed: bool = False) -> RouterTap:
+    """Give `router` a buffer of `max_num_tokens` rows and a recording callback (idempotent).
+
+    `is_timed` (eager mode with `ELDR_PLUGIN_TIMING=1` only) adds a host clock around the callback.
+    """
+    tap = _TAPS.get(id(router))
+    if tap is not None and tap.router is router:
+        return tap
+    buffer = torch.full(
+        (max_num_tokens, int(router.top_k)), UNWRITTEN, dtype=torch.int32, device=_device_of(router)
+    )
+    record: Callable[[torch.Tensor], None] = partial(record_topk, buffer)
+    if is_timed:
+        from eldr.vllm.timing import timed_callback
+
+        record = timed_callback(record)
+    callback = chain_capture(router, record)
+    tap = RouterTap(layer_id, router, buffer, callback)
+    _TAPS[id(router)] = tap
+    return tap
+
+
+def taps_for(routers: list[tuple[int, Any]]) -> list[RouterTap | None]:
+    """The tap of each `(layer id, router)`, `None` where none was installed in this process."""
+    found: list[RouterTap | None] = []
+    for _, router in routers:
+        tap = _TAPS.get(id(router))
+        found.append(tap if tap is not None and tap.router is router else None)
+    return found
+
+
+class TapSet:
+    """The taps of one model's MoE layers in layer order: arm before a forward, fold after it."""
+
+    def __init__(self, taps: list[RouterTap], num_experts: int) -> None:
+        self.taps = taps
         self.num_experts = num_experts
-        self.is_token_kept = slots >= 0  # [num_tokens] padded tokens have slot -1
-        kept = slots[self.is_token_kept]
-        self.block_ids, self.token_block = torch.unique(kept // block_size, return_inverse=True)
-        self.is_fresh = torch.zeros(self.block_ids.numel(), dtype=torch.bool, device=slots.device)
-        self.is_fresh[self.token_block[kept % block_size == 0]] = True
-        # [num_blocks_touched, L, E] int32 on the ids' device
-        self.counts = torch.zeros(
-            (self.block_ids.numel(), num_layers, num_experts), dtype=torch.int32, device=slots.device
-        )
-        self.num_captured = [0] * num_layers  # tokens seen per layer (chunked MoE calls add up)
-        self.is_broken = False
+        self.num_rows = min(int(tap.buffer.shape[0]) for tap in taps)
+        self.num_armed = 0
 
-    def add(self, layer: int, topk_ids: torch.Tensor) -> None:
-        """Fold one router call's `[n, k]` ids (the next n tokens of the step) into the rows."""
-        start = self.num_captured[layer]
-        n = min(int(topk_ids.shape[0]), self.num_tokens - start)
-        if n <= 0:
-            if topk_ids.shape[0] > 0:
-                self.is_broken = True  # more ids than tokens: the step's layout is not understood
-            return
-        self.num_captured[layer] = start + n
-        kept = self.is_token_kept[start : start + n]
-        ids = topk_ids[:n][kept].to(torch.int64)  # [kept tokens, k]
-        # index of each kept token among all kept tokens of the step
-        offset = int(self.is_token_kept[:start].sum().item()) if start else 0
-        rows = self.token_block[offset : offset + ids.shape[0]]
-        flat = (rows[:, None] * self.num_experts + ids).reshape(-1)
-        binned = torch.bincount(flat, minlength=self.counts.shape[0] * self.num_experts)
-        self.counts[:, layer, :] += binned.view(-1, self.num_experts).to(torch.int32)
+    def arm(self, num_tokens: int) -> None:
+        """Mark the rows of the next forward's `num_tokens` tokens as not yet recorded."""
+        self.num_armed = min(num_tokens, self.num_rows)
+        for tap in self.taps:
+            tap.buffer[: self.num_armed].fill_(UNWRITTEN)
 
-    def delta(self) -> BlockDelta | None:
-        """The step's rows, or `None` if some layer did not see every token (never a partial count)."""
-        num_seen = self.num_captured[0]
-        if self.is_broken or any(n != num_seen for n in self.num_captured):
-            return None
-        if num_seen < self.num_tokens and bool(self.is_token_kept[num_seen:].any()):
-            return None  # routers saw fewer tokens than the step wrote (only padding may be unseen)
-        return BlockDelta(
-            block_ids=self.block_ids.cpu().numpy().astype(np.int64),
-            is_fresh=self.is_fresh.cpu().numpy(),
-            counts=self.counts.cpu().numpy().astype(row_dtype(self.block_size)),
-        )
+    def ids(self, num_tokens: int) -> torch.Tensor:
+        """`[L, num_tokens, k]` recorded ids (int64) of the last forward."""
+        return torch.stack([tap.buffer[:num_tokens] for tap in self.taps]).to(torch.int64)
+
+    def fold(self, slots: torch.Tensor, block_size: int) -> BlockDelta | None:
+        """The last forward's ids as per-block rows; `None` if a router missed a token of the step."""
+        slots = slots.reshape(-1).to(torch.int64)
+        kept = torch.nonzero(slots >= 0).reshape(-1)
+        if kept.numel() and int(kept[-1]) >= self.num_armed:
+            return None  # a token beyond the armed rows: its row may be stale
+        ids = self.ids(self.num_armed)[:, kept] if kept.numel() else self.ids(0)
+        return fold_ids(ids, slots[kept], block_size, self.num_experts)
+
+
+def fold_ids(ids: torch.Tensor, slots: torch.Tensor, block_size: int, num_experts: int) -> BlockDelta | None:
+    """`[L, T, k]` expert ids of T tokens written to KV `slots` [T] -> per-block `[n, L, E]` counts.
+
+    `None` when an id is outside `[0, num_experts)`: -1 is a row a router never wrote.
+    """
+    num_layers = int(ids.shape[0])
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_experts):
+        return None
+    block_ids, token_block = torch.unique(slots // block_size, return_inverse=True)
+    num_blocks = int(block_ids.numel())
+    is_fresh = torch.zeros(num_blocks, dtype=torch.bool, device=slots.device)
+    is_fresh[token_block[slots % block_size == 0]] = True
+    layer = torch.arange(num_layers, device=ids.device)[:, None, None]
+    flat = (token_block[None, :, None] * num_layers + layer) * num_experts + ids  # [L, T, k]
+    counts = torch.bincount(flat.reshape(-1), minlength=num_blocks * num_layers * num_experts)
+    return BlockDelta(
+        block_ids=block_ids.cpu().numpy().astype(np.int64),
+        is_fresh=is_fresh.cpu().numpy(),
+        counts=counts.view(num_blocks, num_layers, num_experts).cpu().numpy().astype(row_dtype(block_size)),
+    )
 
 
 def find_moe_routers(static_forward_context: dict[str, Any]) -> list[tuple[int, Any]]:
     """`(model layer index, router)` of every MoE layer, sorted by layer index."""
-    from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
     from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
 
-    found: list[tuple[int, Any]] = []
-    for module in static_forward_context.values():
-        if isinstance(module, MoERunner) and isinstance(getattr(module, "router", None), BaseRouter):
-            found.append((int(module.layer_id), module.router))
+    found = [
+        (int(module.layer_id), module.router)
+        for module in static_forward_context.values()
+        if isinstance(module, MoERunner) and has_capture_callback(module.router)
+    ]
     return sorted(found, key=lambda item: item[0])
 
 
-def chain_capture(router: Any, fn: Callable[[torch.Tensor], None]) -> None:
+def has_capture_callback(router: Any) -> bool:
+    from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
+
+    return isinstance(router, BaseRouter)
+
+
+def chain_capture(router: Any, fn: Callable[[torch.Tensor], None]) -> Callable[[torch.Tensor], None]:
     """Install `fn` as the router's capture callback, keeping any callback already installed."""
     previous = router.capture_fn
     if previous is None:
         router.set_capture_fn(fn)
-        return
+        return fn
 
     def both(topk_ids: torch.Tensor) -> None:
         previous(topk_ids)
         fn(topk_ids)
 
     router.set_capture_fn(both)
+    return both
+
+
+def _device_of(router: Any) -> torch.device:
+    from vllm.platforms import current_platform
+
+    return torch.device(current_platform.device_type) if current_platform.device_type else torch.device("cpu")

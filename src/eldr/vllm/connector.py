@@ -29,7 +29,6 @@ import copy
 import dataclasses
 import logging
 from dataclasses import dataclass
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -41,8 +40,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from eldr.errors import ConfigError
+from eldr.vllm import timing
 from eldr.vllm.blockcache import BlockDelta
-from eldr.vllm.capture import StepFold, chain_capture, find_moe_routers
+from eldr.vllm.capture import RouterTap, TapSet, find_moe_routers, install_tap, taps_for
 from eldr.vllm.ledger import SignatureLedger
 from eldr.vllm.version import check_vllm_version
 
@@ -75,6 +75,7 @@ class EldrWorkerMeta(KVConnectorWorkerMetadata):
     delta: BlockDelta | None
     top_k: int
     inner: KVConnectorWorkerMetadata | None
+    timing_ns: tuple[int, int] = (0, 0)  # (hooks, callbacks) since the last step; ELDR_PLUGIN_TIMING only
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         # tensor-parallel ranks see the same router ids: keep one copy, refuse if they disagree
@@ -85,7 +86,8 @@ class EldrWorkerMeta(KVConnectorWorkerMetadata):
         inner = self.inner
         if inner is not None and other.inner is not None:
             inner = inner.aggregate(other.inner)
-        return EldrWorkerMeta(self.step, delta, self.top_k, inner or other.inner)
+        timing_ns = (self.timing_ns[0] + other.timing_ns[0], self.timing_ns[1] + other.timing_ns[1])
+        return EldrWorkerMeta(self.step, delta, self.top_k, inner or other.inner, timing_ns)
 
 
 def _wrapped_config(vllm_config: VllmConfig) -> tuple[type[KVConnectorBase_V1] | None, VllmConfig]:
@@ -106,28 +108,40 @@ def _wrapped_config(vllm_config: VllmConfig) -> tuple[type[KVConnectorBase_V1] |
 
 
 def check_capture_mode(vllm_config: VllmConfig) -> None:
-    """Refuse engine modes in which the router callback would not run on every step.
+    """Refuse, at start, engine setups in which the recorded router ids could not be attributed.
 
-    The callback is plain Python run inside the MoE layer. On vLLM CPU the MoE layer is traced by
-    torch.compile during memory profiling, before KV connectors exist, so a callback installed later
-    never runs; with CUDA graphs it would run only while graphs are captured. Both are refused at
-    start with the flag that fixes them, rather than returning wrong counts.
+    Compiled mode and CUDA graphs are fine: the capture is an in-place copy into a fixed buffer that a
+    compiled graph or a graph replay repeats (see `capture.py`, and `plugin.py` for how it gets into
+    the graph). Data parallelism is refused: the routers then see other ranks' tokens too. What is
+    checked per step (every token's row written by every router) is done at run time.
     """
-    from vllm.config.compilation import CompilationMode, CUDAGraphMode
-    from vllm.platforms import current_platform
+    parallel = vllm_config.parallel_config
+    if int(parallel.data_parallel_size) > 1:
+        raise ConfigError(
+            "eldr engine plugin does not support data parallelism (--data-parallel-size "
+            f"{parallel.data_parallel_size}): the MoE routers see other ranks' tokens"
+        )
 
-    compilation = vllm_config.compilation_config
-    if current_platform.is_cpu() and compilation.mode != CompilationMode.NONE:
-        raise ConfigError(
-            "eldr engine plugin on vLLM CPU needs eager mode: add "
-            "--compilation-config '{\"mode\": 0}' (torch.compile traces the MoE router before the "
-            "plugin can attach its capture callback)"
+
+def _not_in_graph_reason(tap: RouterTap | None) -> str:
+    if tap is None:
+        why = (
+            "its capture buffer was not installed while the model was built: the `eldr` vLLM general "
+            "plugin did not run in this worker (is eldr installed in this environment, and does "
+            "VLLM_PLUGINS, if set, include 'eldr'?)"
         )
-    if compilation.cudagraph_mode not in (None, CUDAGraphMode.NONE):
-        raise ConfigError(
-            "eldr engine plugin needs the MoE router callback to run every step: start this engine "
-            "with --enforce-eager (CUDA graphs replay without calling it)"
-        )
+    else:
+        why = "another component replaced the router's capture callback after eldr installed it"
+    return (
+        f"eldr engine plugin: a MoE router of this compiled model would not record its expert ids: {why}; "
+        "or start the engine in eager mode (--compilation-config '{\"mode\": 0}')"
+    )
+
+
+def _is_compiled(vllm_config: VllmConfig) -> bool:
+    from vllm.config.compilation import CompilationMode
+
+    return vllm_config.compilation_config.mode != CompilationMode.NONE
 
 
 class EldrConnector(KVConnectorBase_V1):
@@ -161,47 +175,48 @@ class EldrConnector(KVConnectorBase_V1):
         )
         self._requests: dict[str, Request] = {}
         # worker side
-        self._routers: list[tuple[int, Any]] = []
-        self._num_experts = 0
+        self._taps: TapSet | None = None
         self._top_k = 0
         self._step_meta: EldrConnectorMeta | None = None
-        self._fold: StepFold | None = None
         self._slot_layer = kv_cache_config.kv_cache_groups[0].layer_names[0]
         self._is_warned = False
 
     # ------------------------------------------------------------------ worker side
 
-    def _install_capture(self) -> None:
-        if self._routers:
-            return
+    def _attach_taps(self) -> TapSet:
+        """The routers' capture taps, installed while the model was built (`plugin.py`) or now."""
+        if self._taps is not None:
+            return self._taps
         routers = find_moe_routers(self._vllm_config.compilation_config.static_forward_context)
         if not routers:
             raise ConfigError("eldr engine plugin: the model has no MoE router with a capture callback")
-        self._routers = routers
-        self._num_experts = int(routers[0][1].global_num_experts)
+        is_compiled = _is_compiled(self._vllm_config)
+        max_num_tokens = int(self._vllm_config.scheduler_config.max_num_batched_tokens)
+        taps: list[RouterTap] = []
+        for (layer_id, router), tap in zip(routers, taps_for(routers), strict=True):
+            if tap is None or not tap.is_installed:
+                if is_compiled:
+                    raise ConfigError(_not_in_graph_reason(tap))
+                # eager mode: nothing was traced, a callback set now runs from the next forward on
+                tap = install_tap(layer_id, router, max_num_tokens, is_timed=timing.IS_ENABLED)
+            taps.append(tap)
         self._top_k = int(routers[0][1].top_k)
-        for row, (_, router) in enumerate(routers):
-            chain_capture(router, partial(self._capture, row))
+        self._taps = TapSet(taps, num_experts=int(routers[0][1].global_num_experts))
         logger.info(
-            "eldr: capturing %d MoE layers, %d experts, top-%d", len(routers), self._num_experts, self._top_k
+            "eldr: capturing %d MoE layers, %d experts, top-%d (%s mode)",
+            len(taps),
+            self._taps.num_experts,
+            self._top_k,
+            "compiled" if is_compiled else "eager",
         )
+        return self._taps
 
-    def _capture(self, row: int, topk_ids: torch.Tensor) -> None:
-        if self._step_meta is None:
-            return  # a forward outside an engine step (profiling, warm-up)
-        if self._fold is None:
-            self._fold = self._new_fold()
-            if self._fold is None:
-                return
-        self._fold.add(row, topk_ids)
-
-    def _new_fold(self) -> StepFold | None:
+    def _step_slots(self) -> torch.Tensor | None:
         from vllm.forward_context import get_forward_context, is_forward_context_available
 
         if not is_forward_context_available():
             return None
-        context = get_forward_context()
-        slots = context.slot_mapping
+        slots = get_forward_context().slot_mapping
         if not isinstance(slots, dict) or self._slot_layer not in slots:
             if not self._is_warned:
                 self._is_warned = True
@@ -210,26 +225,24 @@ class EldrConnector(KVConnectorBase_V1):
                     "eldr: no slot mapping for %s in the forward context (%s)", self._slot_layer, keys
                 )
             return None
-        return StepFold(slots[self._slot_layer], self._block_size, len(self._routers), self._num_experts)
+        return slots[self._slot_layer]
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        self._install_capture()
+        self._attach_taps()
         if self._inner is not None:
             self._inner.register_kv_caches(kv_caches)
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)
         assert isinstance(connector_metadata, EldrConnectorMeta)
-        self._install_capture()
+        self._attach_taps().arm(connector_metadata.num_tokens)
         self._step_meta = connector_metadata
-        self._fold = None
         if self._inner is not None and connector_metadata.inner is not None:
             self._inner.bind_connector_metadata(connector_metadata.inner)
 
     def clear_connector_metadata(self) -> None:
         super().clear_connector_metadata()
         self._step_meta = None
-        self._fold = None
         if self._inner is not None:
             self._inner.clear_connector_metadata()
 
@@ -238,25 +251,21 @@ class EldrConnector(KVConnectorBase_V1):
         meta = self._step_meta
         if meta is None:
             return inner
+        taps = self._attach_taps()
         delta: BlockDelta | None
-        if self._fold is not None:
-            delta = self._fold.delta()
+        if meta.num_tokens == 0:
+            delta = _empty_delta(len(taps.taps), taps.num_experts)
+        else:
+            slots = self._step_slots()
+            delta = taps.fold(slots, self._block_size) if slots is not None else None
             if delta is None and not self._is_warned:
                 self._is_warned = True
                 logger.warning(
-                    "eldr: step %d not folded: %d slots, layers saw %s",
+                    "eldr: step %d ran %d tokens but not every MoE router recorded every token; its "
+                    "counts are dropped (in compiled mode: was the graph compiled without the eldr "
+                    "capture, e.g. VLLM_PLUGINS without 'eldr'?)",
                     meta.step,
-                    self._fold.num_tokens,
-                    self._fold.num_captured,
-                )
-        elif meta.num_tokens == 0:
-            delta = None if not self._routers else _empty_delta(len(self._routers), self._num_experts)
-        else:
-            delta = None  # tokens ran but no router reported: counts would be wrong
-            if not self._is_warned:
-                self._is_warned = True
-                logger.warning(
-                    "eldr: step %d ran %d tokens but no router reported", meta.step, meta.num_tokens
+                    meta.num_tokens,
                 )
         return EldrWorkerMeta(meta.step, delta, self._top_k, inner)
 
@@ -326,7 +335,11 @@ class EldrConnector(KVConnectorBase_V1):
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         meta = connector_output.kv_connector_worker_meta
         if isinstance(meta, EldrWorkerMeta):
-            self._ledger.apply(meta.step, meta.delta, meta.top_k)
+            filled = self._ledger.apply(meta.step, meta.delta, meta.top_k)
+            if timing.IS_ENABLED:
+                timing.CLOCK.receive(*meta.timing_ns)
+                for params in filled:
+                    params[timing.TIMING_KEY] = timing.CLOCK.snapshot()
             connector_output.kv_connector_worker_meta = meta.inner
         if self._inner is not None:
             self._inner.update_connector_output(connector_output)
@@ -395,6 +408,38 @@ _DELEGATED = frozenset(
         "_cache_hit_source",
     }
 )
+
+
+if timing.IS_ENABLED:  # benchmark-only clocks (benchmarks/plugin_overhead.py); nothing wrapped otherwise
+    timing.instrument(
+        EldrConnector,
+        worker_hooks=(
+            "register_kv_caches",
+            "bind_connector_metadata",
+            "clear_connector_metadata",
+            "build_connector_worker_meta",
+            "start_load_kv",
+            "wait_for_layer_load",
+            "save_kv_layer",
+            "wait_for_save",
+        ),
+        scheduler_hooks=(
+            "get_num_new_matched_tokens",
+            "update_state_after_alloc",
+            "build_connector_meta",
+            "update_connector_output",
+            "request_finished",
+        ),
+    )
+    _build_worker_meta = EldrConnector.build_connector_worker_meta
+
+    def _ship_timing(self: EldrConnector) -> KVConnectorWorkerMetadata | None:
+        meta = _build_worker_meta(self)  # its own time is already in the worker clock
+        if isinstance(meta, EldrWorkerMeta):
+            meta.timing_ns = timing.CLOCK.take_worker()
+        return meta
+
+    EldrConnector.build_connector_worker_meta = _ship_timing  # type: ignore[method-assign]
 
 
 def _empty_delta(num_layers: int, num_experts: int) -> BlockDelta:

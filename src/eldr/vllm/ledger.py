@@ -84,8 +84,11 @@ class SignatureLedger:
         if tracked is not None:
             self._due.setdefault(step, []).append((tracked, prompt_block_ids))
 
-    def apply(self, step: int, delta: BlockDelta | None, top_k: int) -> None:
-        """Fold step `step`'s rows (`None`: the step's data is unusable) and resolve what waited on it."""
+    def apply(self, step: int, delta: BlockDelta | None, top_k: int) -> list[dict[str, Any]]:
+        """Fold step `step`'s rows (`None`: the step's data is unusable) and resolve what waited on it.
+
+        Returns the params dicts that received a payload.
+        """
         missed = [s for s in self._expected_steps if s < step]
         self._expected_steps = [s for s in self._expected_steps if s > step]
         if delta is not None and self.cache is None:
@@ -106,8 +109,7 @@ class SignatureLedger:
             for tracked, block_ids in self._due.pop(due_step):
                 tracked.prompt_counts = self._sum(block_ids, tracked)
         finished, self._finished = self._finished, []
-        for item in finished:
-            self._fill(item)
+        return [item.params for item in finished if self._fill(item)]
 
     def finish(
         self, req_id: str, block_ids: list[int], num_computed_tokens: int, params: dict[str, Any]
@@ -132,21 +134,22 @@ class SignatureLedger:
             return None
         return self.cache.sum_rows(block_ids)
 
-    def _fill(self, item: _Finished) -> None:
+    def _fill(self, item: _Finished) -> bool:
         prompt = item.tracked.prompt_counts
         num_prompt = item.tracked.num_prompt_tokens
         if prompt is None or not _conserves(prompt, num_prompt, self.top_k):
-            return
+            return False
         item.params[PAYLOAD_KEY] = encode_counts(prompt, num_tokens=num_prompt, top_k=self.top_k)
         if not self.is_recording_decode:
-            return
+            return True
         total = self._sum(item.block_ids, item.tracked)
         num_decode = item.num_computed_tokens - num_prompt
         if total is None:
-            return
+            return True
         decode = total - prompt
         if _conserves(decode, num_decode, self.top_k):
             item.params[DECODE_PAYLOAD_KEY] = encode_counts(decode, num_tokens=num_decode, top_k=self.top_k)
+        return True
 
 
 def _conserves(counts: npt.NDArray[np.int64], num_tokens: int, top_k: int) -> bool:

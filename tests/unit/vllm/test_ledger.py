@@ -21,7 +21,7 @@ from eldr.signature import counts_from_topk
 from eldr.vllm.ledger import DECODE_PAYLOAD_KEY, SignatureLedger
 
 torch = pytest.importorskip("torch")
-from eldr.vllm.capture import StepFold  # noqa: E402
+from eldr.vllm.capture import RouterTap, TapSet, record_topk  # noqa: E402
 
 BLOCK, NUM_BLOCKS, LAYERS, EXPERTS, TOP_K = 4, 16, 2, 6, 2
 
@@ -63,8 +63,17 @@ class Pool:
             self.free[block] = None
 
 
+def _taps() -> TapSet:
+    """Capture buffers as the plugin gives each router (the callbacks are called by hand here)."""
+    buffers = [torch.full((4096, TOP_K), -1, dtype=torch.int32) for _ in range(LAYERS)]
+    return TapSet(
+        [RouterTap(layer, None, buf, lambda ids: None) for layer, buf in enumerate(buffers)], EXPERTS
+    )
+
+
 def _run(prompts: list[list[int]], chunk: int, num_decode: int = 0) -> list[dict[str, object]]:
     pool, ledger = Pool(), SignatureLedger(NUM_BLOCKS, BLOCK, is_recording_decode=num_decode > 0)
+    taps = _taps()
     answers: list[dict[str, object]] = [{} for _ in prompts]
     pending = list(range(len(prompts)))
     running: dict[int, dict[str, object]] = {}
@@ -97,17 +106,17 @@ def _run(prompts: list[list[int]], chunk: int, num_decode: int = 0) -> list[dict
                 else:
                     seq.append(1000 + int(r["out"]))  # type: ignore[call-overload]
                     r["out"] = int(r["out"]) + 1  # type: ignore[call-overload]
-        fold = StepFold(torch.tensor(step_slots), BLOCK, LAYERS, EXPERTS)
+        taps.arm(len(step_slots))  # the worker, before the forward
         ids = torch.from_numpy(np.stack(step_ids))  # [tokens, L, k]
-        for layer in range(LAYERS):
-            fold.add(layer, ids[:, layer, :])
+        for layer in range(LAYERS):  # the routers' callbacks, during it
+            record_topk(taps.taps[layer].buffer, ids[:, layer, :])
         for i in finishing:  # vLLM: request_finished before update_connector_output
             r = running.pop(i)
             blocks = r["blocks"]
             assert isinstance(blocks, list)
             ledger.finish(str(i), list(blocks), int(r["done"]), answers[i])  # type: ignore[call-overload]
             pool.release(prompts[i], blocks)
-        ledger.apply(step, fold.delta(), TOP_K)
+        ledger.apply(step, taps.fold(torch.tensor(step_slots), BLOCK), TOP_K)
     assert ledger.num_tracked == 0
     return answers
 

@@ -1,0 +1,146 @@
+"""The capture buffers: what the router callback records, how a step folds, when a step is refused."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from eldr.vllm.capture import UNWRITTEN, RouterTap, TapSet, chain_capture, fold_ids, record_topk  # noqa: E402
+
+
+def _tapset(num_layers: int, top_k: int, num_experts: int, rows: int = 16) -> TapSet:
+    buffers = [torch.full((rows, top_k), UNWRITTEN, dtype=torch.int32) for _ in range(num_layers)]
+    return TapSet([RouterTap(i, None, buf, lambda ids: None) for i, buf in enumerate(buffers)], num_experts)
+
+
+def test_tokens_fold_into_their_blocks_and_slot_zero_marks_fresh() -> None:
+    # block size 4: slots 8, 9 -> block 2 (slot 8 is its first slot), slot 13 -> block 3 (not first)
+    taps = _tapset(num_layers=2, top_k=2, num_experts=3)
+    taps.arm(3)
+    record_topk(taps.taps[0].buffer, torch.tensor([[0, 1], [0, 2], [1, 2]]))
+    record_topk(taps.taps[1].buffer, torch.tensor([[2, 1], [2, 0], [0, 1]]))
+    delta = taps.fold(torch.tensor([8, 9, 13]), block_size=4)
+    assert delta is not None
+    assert delta.block_ids.tolist() == [2, 3] and delta.is_fresh.tolist() == [True, False]
+    assert delta.counts.tolist() == [[[2, 1, 1], [1, 1, 2]], [[0, 1, 1], [1, 1, 0]]]
+    assert delta.counts.dtype == np.uint8
+
+
+def test_padded_tokens_are_ignored() -> None:
+    taps = _tapset(num_layers=1, top_k=1, num_experts=2)
+    taps.arm(3)
+    record_topk(taps.taps[0].buffer, torch.tensor([[0], [1], [1], [0]]))  # the 4th row is padding
+    delta = taps.fold(torch.tensor([0, 1, 2, -1]), block_size=4)
+    assert delta is not None and delta.counts.tolist() == [[[1, 2]]]
+
+
+@pytest.mark.parametrize("short_layer", [0, 1])
+def test_a_router_that_missed_a_token_refuses_the_step(short_layer: int) -> None:
+    taps = _tapset(num_layers=2, top_k=1, num_experts=2)
+    for layer in range(2):  # an earlier forward filled every row
+        record_topk(taps.taps[layer].buffer, torch.zeros((8, 1), dtype=torch.int64))
+    taps.arm(3)
+    for layer in range(2):
+        record_topk(taps.taps[layer].buffer, torch.zeros((2 if layer == short_layer else 3, 1)))
+    assert taps.fold(torch.tensor([0, 1, 2]), block_size=4) is None
+
+
+def test_a_forward_whose_routers_never_ran_is_refused_not_counted_from_stale_rows() -> None:
+    taps = _tapset(num_layers=1, top_k=1, num_experts=2)
+    record_topk(taps.taps[0].buffer, torch.ones((4, 1), dtype=torch.int64))  # the previous step
+    taps.arm(2)
+    assert taps.fold(torch.tensor([4, 5]), block_size=4) is None
+
+
+def test_a_token_beyond_the_armed_rows_is_refused() -> None:
+    taps = _tapset(num_layers=1, top_k=1, num_experts=2)
+    taps.arm(2)
+    record_topk(taps.taps[0].buffer, torch.zeros((3, 1), dtype=torch.int64))
+    assert taps.fold(torch.tensor([0, 1, 2]), block_size=4) is None
+
+
+def test_fold_matches_a_per_token_loop() -> None:
+    rng = np.random.default_rng(0)
+    num_layers, num_tokens, top_k, num_experts, block = 3, 50, 4, 16, 8
+    ids = np.stack(
+        [[rng.permutation(num_experts)[:top_k] for _ in range(num_tokens)] for _ in range(num_layers)]
+    )
+    slots = rng.permutation(200)[:num_tokens]
+    delta = fold_ids(torch.from_numpy(ids), torch.from_numpy(slots), block, num_experts)
+    assert delta is not None
+    expected: dict[int, np.ndarray] = {}
+    for t, slot in enumerate(slots):
+        row = expected.setdefault(int(slot) // block, np.zeros((num_layers, num_experts), dtype=np.int64))
+        for layer in range(num_layers):
+            row[layer, ids[layer, t]] += 1
+    assert sorted(expected) == delta.block_ids.tolist()
+    for i, block_id in enumerate(delta.block_ids):
+        np.testing.assert_array_equal(delta.counts[i], expected[int(block_id)])
+    assert delta.is_fresh.tolist() == [
+        bool((slots // block == b).any() & (slots == b * block).any()) for b in delta.block_ids
+    ]
+
+
+class _Router:
+    """What the capture needs from vLLM's BaseRouter: `capture_fn`, `set_capture_fn`, the branch."""
+
+    def __init__(self) -> None:
+        self.capture_fn: Any = None
+
+    def set_capture_fn(self, fn: Any) -> None:
+        self.capture_fn = fn
+
+    def route(self, logits: torch.Tensor) -> torch.Tensor:
+        topk_ids = torch.topk(logits, 2, dim=-1).indices
+        if self.capture_fn is not None:  # as in BaseRouter._select_experts
+            self.capture_fn(topk_ids)
+        return topk_ids
+
+
+def test_the_recording_callback_survives_torch_compile_with_guards_dropped() -> None:
+    from functools import partial
+
+    router = _Router()
+    buffer = torch.full((64, 2), UNWRITTEN, dtype=torch.int32)
+    chain_capture(router, partial(record_topk, buffer))
+    compiled = torch.compile(
+        router.route,
+        fullgraph=True,  # vLLM compiles with fullgraph: the callback must not break the graph
+        dynamic=True,
+        backend="aot_eager",
+        options={"guard_filter_fn": lambda entries: [False for _ in entries]},  # vLLM drops all guards
+    )
+    for num_tokens in (5, 9, 3):  # one trace, replayed with other token counts
+        buffer.fill_(UNWRITTEN)
+        logits = torch.randn(num_tokens, 8, generator=torch.Generator().manual_seed(num_tokens))
+        ids = compiled(logits)
+        assert torch.equal(buffer[:num_tokens], ids.to(torch.int32))
+        assert bool((buffer[num_tokens:] == UNWRITTEN).all())
+
+
+def test_a_callback_set_after_the_trace_is_never_called_by_the_compiled_graph() -> None:
+    # the reason the plugin installs its buffers while the model is built (eldr.vllm.plugin)
+    router = _Router()
+    compiled = torch.compile(
+        router.route,
+        fullgraph=True,
+        backend="aot_eager",
+        options={"guard_filter_fn": lambda entries: [False for _ in entries]},
+    )
+    compiled(torch.randn(4, 8))
+    calls: list[int] = []
+    router.set_capture_fn(lambda ids: calls.append(int(ids.shape[0])))
+    compiled(torch.randn(4, 8))
+    assert calls == []
+
+
+def test_chained_callbacks_both_run() -> None:
+    router = _Router()
+    seen: list[str] = []
+    chain_capture(router, lambda ids: seen.append("first"))
+    chain_capture(router, lambda ids: seen.append("second"))
+    router.route(torch.randn(2, 4))
+    assert seen == ["first", "second"]
