@@ -1,6 +1,6 @@
 """`eldr serve`: the OpenAI-compatible prefill/decode proxy with ELDR decode routing.
 
-The web stack (starlette, uvicorn, httpx, prometheus-client, pyyaml: the `serve` extra) is imported
+The web stack (starlette, uvicorn, aiohttp, prometheus-client, pyyaml: the `serve` extra) is imported
 inside `run`, so `eldr --help` works without it.
 """
 

@@ -126,7 +126,7 @@ async def _unless_disconnected(request: Request, work: Awaitable[Response]) -> R
     except asyncio.CancelledError:
         raise ClientDisconnect() from None
     if isinstance(result, RelayResponse):  # finished just as the client left: release it
-        await result.discard()
+        result.discard()
     raise ClientDisconnect()
 
 

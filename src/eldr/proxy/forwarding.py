@@ -13,6 +13,7 @@ ends with an SSE error event and `[DONE]`. In-flight counts are held until the l
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -21,8 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import anyio
-import httpx
+import aiohttp
 from starlette.responses import Response, StreamingResponse
 
 from eldr.errors import NoHealthyWorkerError
@@ -44,7 +44,7 @@ REMOTE_DECODE = {
     "remote_host": None,
     "remote_port": None,
 }
-UPSTREAM_ERRORS = (httpx.HTTPError, httpx.StreamError, OSError, TimeoutError, ValueError)
+UPSTREAM_ERRORS = (aiohttp.ClientError, OSError, TimeoutError, ValueError)
 
 
 class LegFailed(Exception):
@@ -109,10 +109,18 @@ class Forwarder:
         chooser: PrefillChooser,
         router: DecodeRouter,
         metrics: Metrics,
-        client: httpx.AsyncClient,
+        client: aiohttp.ClientSession,
     ) -> None:
         self.config, self.prefill, self.chooser, self.router = config, prefill, chooser, router
         self.metrics, self.client = metrics, client
+        connect = config.connect_timeout_s
+        self.prefill_timeout = aiohttp.ClientTimeout(total=config.prefill_timeout_s, sock_connect=connect)
+        # per read of a stream (idle timeout) / of a JSON answer; decode_timeout_s bounds the wait for
+        # the first byte (streams) or the whole answer (JSON) on top
+        self.stream_timeout = aiohttp.ClientTimeout(
+            sock_connect=connect, sock_read=config.stream_idle_timeout_s
+        )
+        self.json_timeout = aiohttp.ClientTimeout(sock_connect=connect, sock_read=config.decode_timeout_s)
         self.policy_name = config.policy
         self.on_routed: Callable[[], None] = _nothing  # called after each decision (refit trigger)
         band = router.band
@@ -176,16 +184,20 @@ class Forwarder:
         lease = Lease(worker, self.metrics)
         outcome = "error"
         try:
-            with anyio.fail_after(self.config.prefill_timeout_s):
-                response = await self.client.post(
-                    worker.url + request.path, content=json.dumps(body), headers=headers
-                )
-            if response.status_code >= 500:
-                raise LegFailed(f"HTTP {response.status_code}")
-            if response.status_code >= 400:
-                outcome = "refused"
-                raise UpstreamRefused(_relay(response))
-            answer = response.json()
+            async with self.client.post(
+                worker.url + request.path,
+                data=json.dumps(body),
+                headers=headers,
+                timeout=self.prefill_timeout,
+            ) as response:
+                status = response.status
+                content = await response.read()
+                if status >= 500:
+                    raise LegFailed(f"HTTP {status}")
+                if status >= 400:
+                    outcome = "refused"
+                    raise UpstreamRefused(Response(content, status, media_type=_media_type(response)))
+            answer = json.loads(content)
             outcome = "ok"
             return answer
         except TimeoutError as exc:
@@ -238,56 +250,51 @@ class Forwarder:
     async def run_decode(
         self, worker: Worker, request: ClientRequest, body: dict[str, Any], headers: dict[str, str]
     ) -> Response:
-        read_timeout = (
-            self.config.stream_idle_timeout_s if request.is_stream else self.config.decode_timeout_s
-        )
-        timeout = httpx.Timeout(self.config.connect_timeout_s, read=read_timeout)
-        upstream = self.client.build_request(
-            "POST", worker.url + request.path, content=json.dumps(body), headers=headers, timeout=timeout
-        )
+        is_stream = request.is_stream
         lease = Lease(worker, self.metrics)
-        response: httpx.Response | None = None
+        response: aiohttp.ClientResponse | None = None
         try:
-            with anyio.fail_after(self.config.decode_timeout_s):
-                response = await self.client.send(upstream, stream=True)
-                if response.status_code >= 500:
-                    raise LegFailed(f"HTTP {response.status_code}")
-                if response.status_code >= 400 or not request.is_stream:
-                    content = await response.aread()
-                    if response.status_code >= 400:
-                        lease.release("refused")
-                    else:
-                        lease.release("ok")
+            async with asyncio.timeout(self.config.decode_timeout_s):
+                response = await self.client.post(
+                    worker.url + request.path,
+                    data=json.dumps(body),
+                    headers=headers,
+                    timeout=self.stream_timeout if is_stream else self.json_timeout,
+                )
+                status = response.status
+                if status >= 500:
+                    raise LegFailed(f"HTTP {status}")
+                if status >= 400 or not is_stream:
+                    content = await response.read()
+                    lease.release("refused" if status >= 400 else "ok")
                     return Response(
                         content,
-                        response.status_code,
+                        status,
                         media_type=_media_type(response),
                         headers={"X-Request-Id": headers["X-Request-Id"]},
                     )
-                chunks = response.aiter_raw()
-                first = await anext(chunks, b"")
+                first = await response.content.readany()
                 if not first:
                     raise LegFailed("empty stream")
         except TimeoutError as exc:
-            await _close(response)
+            _close(response)
             lease.release("timeout")
             raise LegFailed("timed out") from exc
         except LegFailed:
-            await _close(response)
+            _close(response)
             lease.release("error")
             raise
         except UPSTREAM_ERRORS as exc:
-            await _close(response)
+            _close(response)
             lease.release("error")
             raise LegFailed(type(exc).__name__) from exc
         except BaseException:
-            await _close(response)
+            _close(response)
             lease.release("cancelled")
             raise
-        stream = self.relay(response, chunks, first, lease)
         relay = RelayResponse(
-            stream,
-            response.status_code,
+            self.relay(response, first, lease),
+            status,
             media_type="text/event-stream",
             headers={"X-Request-Id": headers["X-Request-Id"], "Cache-Control": "no-cache"},
         )
@@ -296,20 +303,20 @@ class Forwarder:
         return relay
 
     async def relay(
-        self, response: httpx.Response, chunks: AsyncIterator[bytes], first: bytes, lease: Lease
+        self, response: aiohttp.ClientResponse, first: bytes, lease: Lease
     ) -> AsyncIterator[bytes]:
         """The decode stream as it arrives; an upstream failure ends it with an error event + [DONE]."""
         outcome = "cancelled"
         last = first
         try:
             yield first
-            async for chunk in chunks:
+            async for chunk in response.content.iter_any():
                 last = chunk
                 yield chunk
             outcome = "ok"
         except UPSTREAM_ERRORS as exc:
             outcome = "error"
-            reason = "timeout" if isinstance(exc, httpx.TimeoutException) else "upstream"
+            reason = "timeout" if isinstance(exc, TimeoutError) else "upstream"
             self.metrics.stream_errors.labels(reason).inc()
             lease.release(outcome)
             sep = b"" if last.endswith(b"\n\n") else b"\n\n"
@@ -325,7 +332,7 @@ class Forwarder:
             if outcome == "cancelled":
                 self.metrics.disconnects.inc()
             lease.release(outcome)
-            await _close(response)
+            _close(response)
 
 
 class RelayResponse(StreamingResponse):
@@ -334,34 +341,30 @@ class RelayResponse(StreamingResponse):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.on_close: list[Callable[[], None]] = []
-        self.upstream: httpx.Response | None = None
+        self.upstream: aiohttp.ClientResponse | None = None
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self.discard()
+            self.discard()
 
-    async def discard(self) -> None:
+    def discard(self) -> None:
         """Release everything this response holds (idempotent callbacks, upstream closed)."""
         callbacks, self.on_close = self.on_close, []
         for callback in callbacks:
             callback()
-        await _close(self.upstream)
+        _close(self.upstream)
 
 
-async def _close(response: httpx.Response | None) -> None:
+def _close(response: aiohttp.ClientResponse | None) -> None:
+    """Drop an upstream response; its connection goes back to the pool only if it was read to the end."""
     if response is not None:
-        with anyio.CancelScope(shield=True):
-            await response.aclose()
+        response.close()
 
 
-def _media_type(response: httpx.Response) -> str:
-    return response.headers.get("content-type", "application/json")
-
-
-def _relay(response: httpx.Response) -> Response:
-    return Response(response.content, response.status_code, media_type=_media_type(response))
+def _media_type(response: aiohttp.ClientResponse) -> str:
+    return response.headers.get("Content-Type", "application/json")
 
 
 def _nothing() -> None:

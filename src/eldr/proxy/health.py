@@ -7,10 +7,11 @@ from the engine's `/metrics`; the first good check of an instance also reads its
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 
-import httpx
+import aiohttp
 
 from eldr.proxy.metrics import Metrics
 from eldr.proxy.workers import Worker
@@ -29,23 +30,26 @@ def parse_engine_load(text: bytes) -> int | None:
 
 
 async def check_worker(
-    client: httpx.AsyncClient, worker: Worker, *, timeout_s: float, is_blended: bool
+    client: aiohttp.ClientSession, worker: Worker, *, timeout_s: float, is_blended: bool
 ) -> bool:
     """One check of one instance; True when healthy. Never raises (except cancellation)."""
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
     try:
-        response = await client.get(worker.url + "/health", timeout=timeout_s)
-        if response.status_code != 200:
-            return False
+        async with client.get(worker.url + "/health", timeout=timeout) as response:
+            await response.read()
+            if response.status != 200:
+                return False
         if is_blended:
-            scraped = await client.get(worker.url + "/metrics", timeout=timeout_s)
-            worker.engine_load = parse_engine_load(scraped.content) if scraped.status_code == 200 else None
+            async with client.get(worker.url + "/metrics", timeout=timeout) as scraped:
+                text = await scraped.read()
+                worker.engine_load = parse_engine_load(text) if scraped.status == 200 else None
         if not worker.models:
-            listed = await client.get(worker.url + "/v1/models", timeout=timeout_s)
-            if listed.status_code == 200:
-                data = listed.json().get("data", [])
-                worker.models = tuple(str(m.get("id")) for m in data if isinstance(m, dict))
+            async with client.get(worker.url + "/v1/models", timeout=timeout) as listed:
+                if listed.status == 200:
+                    data = json.loads(await listed.read()).get("data", [])
+                    worker.models = tuple(str(m.get("id")) for m in data if isinstance(m, dict))
         return True
-    except (httpx.HTTPError, OSError, ValueError, AttributeError):
+    except (aiohttp.ClientError, OSError, TimeoutError, ValueError, AttributeError):
         return False
 
 
@@ -65,7 +69,7 @@ def record(worker: Worker, is_ok: bool, *, eject_after: int, recover_after: int,
 
 
 async def check_all(
-    client: httpx.AsyncClient,
+    client: aiohttp.ClientSession,
     workers: list[Worker],
     *,
     timeout_s: float,

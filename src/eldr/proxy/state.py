@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import httpx
+import aiohttp
 
 from eldr.errors import PartitionMismatchError
 from eldr.partition import Partition
@@ -56,7 +56,7 @@ class ProxyState:
             load_factor=config.hash_load_factor,
             seed=config.seed,
         )
-        self.client: httpx.AsyncClient | None = None
+        self.client: aiohttp.ClientSession | None = None
         self.forwarder: Forwarder | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         for w in self.all_workers():
@@ -72,9 +72,10 @@ class ProxyState:
 
     async def start(self) -> None:
         # idle connections expire before the engines' (uvicorn's 5 s) keep-alive timeout to avoid reuse races
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=512, keepalive_expiry=2.0)
-        timeout = httpx.Timeout(self.config.prefill_timeout_s, connect=self.config.connect_timeout_s)
-        self.client = httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False)
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=2.0)
+        self.client = aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=None), trust_env=False
+        )
         self.forwarder = Forwarder(
             self.config, self.prefill, self.chooser, self.router, self.metrics, self.client
         )
@@ -87,7 +88,7 @@ class ProxyState:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.client is not None:
-            await self.client.aclose()
+            await self.client.close()
 
     def spawn(self, coro: object) -> None:
         task = asyncio.ensure_future(coro)  # type: ignore[call-overload]
