@@ -8,8 +8,9 @@ start-ups overlap, and are always terminated at session end, also after failures
   model name `TINY_MODEL_NAME` ("tiny-moe").
 - `kv_shared_dir -> Path`: the directory the ExampleConnector engines share KV through.
 - `plugin_prefill_engine -> Engine`: prefill instance with the eldr plugin (`EldrConnector` wrapping
-  ExampleConnector, kv_role kv_producer, `eldr_skip_external_loads`, eager mode as the plugin needs
-  on CPU), prefix caching on, chunked prefill forced by `--max-num-batched-tokens 128`, a KV pool of
+  ExampleConnector, kv_role kv_producer, `eldr_skip_external_loads`) in vLLM CPU's default compiled
+  mode (the mode a user runs; eager mode is covered by `test_plugin_capture.py`'s engine), prefix
+  caching on, chunked prefill forced by `--max-num-batched-tokens 128`, a KV pool of
   `PREFILL_NUM_BLOCKS` blocks of 128 tokens (so blocks get reused within a session). Its answers carry
   `kv_transfer_params["eldr"]`.
 - `decode_engines -> list[Engine]`: two decode instances (plain ExampleConnector, kv_role kv_both,
@@ -32,7 +33,6 @@ from pathlib import Path
 import pytest
 
 from eldr.testing.engines import (
-    PLUGIN_ENGINE_ARGS,
     PREFILL_NUM_BLOCKS,
     Engine,
     EngineSpec,
@@ -103,7 +103,6 @@ def engine_pool(
                 is_plugin=True, storage_dir=kv_shared_dir, role="kv_producer", is_skipping_external_loads=True
             ),
             extra_args=(
-                *PLUGIN_ENGINE_ARGS,
                 "--max-num-batched-tokens",
                 "128",
                 "--num-gpu-blocks-override",

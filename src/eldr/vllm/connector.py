@@ -110,16 +110,24 @@ def _wrapped_config(vllm_config: VllmConfig) -> tuple[type[KVConnectorBase_V1] |
 def check_capture_mode(vllm_config: VllmConfig) -> None:
     """Refuse, at start, engine setups in which the recorded router ids could not be attributed.
 
-    Compiled mode and CUDA graphs are fine: the capture is an in-place copy into a fixed buffer that a
-    compiled graph or a graph replay repeats (see `capture.py`, and `plugin.py` for how it gets into
-    the graph). Data parallelism is refused: the routers then see other ranks' tokens too. What is
-    checked per step (every token's row written by every router) is done at run time.
+    Compiled mode works (verified on vLLM CPU): the capture is an in-place copy into a fixed buffer
+    that the compiled graph contains (see `capture.py`, and `plugin.py` for how it gets there before
+    the first trace). CUDA graphs should repeat that copy on every replay, but were not run here: a
+    warning says so. Data parallelism is refused: the routers then see other ranks' tokens too.
+    Whether every router recorded every token is checked at run time, every step.
     """
+    from vllm.config.compilation import CUDAGraphMode
+
     parallel = vllm_config.parallel_config
     if int(parallel.data_parallel_size) > 1:
         raise ConfigError(
             "eldr engine plugin does not support data parallelism (--data-parallel-size "
             f"{parallel.data_parallel_size}): the MoE routers see other ranks' tokens"
+        )
+    if vllm_config.compilation_config.cudagraph_mode not in (None, CUDAGraphMode.NONE):
+        logger.warning(
+            "eldr engine plugin: CUDA graphs are on; the capture is designed to be replayed by them "
+            "but this was not verified (steps whose ids were not recorded give no signature)"
         )
 
 
@@ -261,9 +269,9 @@ class EldrConnector(KVConnectorBase_V1):
             if delta is None and not self._is_warned:
                 self._is_warned = True
                 logger.warning(
-                    "eldr: step %d ran %d tokens but not every MoE router recorded every token; its "
-                    "counts are dropped (in compiled mode: was the graph compiled without the eldr "
-                    "capture, e.g. VLLM_PLUGINS without 'eldr'?)",
+                    "eldr: step %d ran %d tokens but not every MoE router recorded every token; the "
+                    "step's counts are dropped and its requests get no signature (a graph compiled "
+                    "without the capture, or a MoE kernel that routes without calling the router?)",
                     meta.step,
                     meta.num_tokens,
                 )
