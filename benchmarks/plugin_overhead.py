@@ -185,12 +185,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             finally:
                 engine.stop()
 
-    text = _report(runs, args, spec)
-    print(text)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(runs, indent=1))  # first: the report reads it back
+    text = _report(runs, args, spec)
+    print(text)
     out.write_text(text)
-    out.with_suffix(".json").write_text(json.dumps(runs, indent=1))
     return 0
 
 
