@@ -18,15 +18,24 @@ Two measures:
    `plugin-eager / eager` per round and their median and range over rounds. The engine's own
    prefill time (`vllm:request_prefill_time_seconds`, scheduled -> first token) is read per request
    from `/metrics` as a second, HTTP-free view.
+
+   CPU binding: vLLM CPU reserves one more core for the frontend whenever *any* KV connector is
+   configured (`vllm/utils/ompmultiprocessing.py`, "reserve at one more core for nixl_connector").
+   On this 2-core machine that gives a connector engine's worker both cores (2 OMP threads) and a
+   plain engine's worker one, which changed 1,024-token prefills by ~40% in the last session's and
+   this session's first runs, nothing to do with the capture. `--reserved-cpus 1` (default) sets
+   `VLLM_CPU_NUM_OF_RESERVED_CPU=1` for every engine, so all of them bind the same way. (A user's
+   prefill instance in PD disaggregation has a KV connector with or without the plugin.)
+
 2. The plugin's own time per request, inside the engine: the plugin engines run with
    `ELDR_PLUGIN_TIMING=1` (eldr.vllm.timing: perf_counter_ns around every connector hook and, in
-   eager mode, the router callback; answers carry cumulative totals), so each request's plugin time
-   is the difference between consecutive answers' totals; divided by that request's latency. Not
-   subject to run-to-run noise of the end-to-end ratio. The clocks themselves (two perf_counter_ns
-   calls per hook) are part of what the end-to-end `plugin` numbers include.
+   eager mode, the router callback, in wall and thread-CPU time; answers carry cumulative totals), so
+   each request's plugin time is the difference between consecutive answers' totals; divided by that
+   request's latency. Not subject to run-to-run noise of the end-to-end ratio. The clocks themselves
+   (four clock reads per hook) are part of what the end-to-end `plugin` numbers include.
 
     flock /tmp/eldr-cpu.lock .venv/bin/python benchmarks/plugin_overhead.py \\
-        [--rounds 3] [--reps 40] [--out benchmarks/results/plugin_overhead.md]
+        [--rounds 3] [--reps 40] [--reserved-cpus 1] [--out benchmarks/results/plugin_overhead.md]
 """
 
 from __future__ import annotations
@@ -61,6 +70,9 @@ EAGER_ARGS = ("--compilation-config", '{"mode": 0}')
 ENGINES = ("compiled", "plugin", "eager", "plugin-eager")
 PAIRS = (("plugin", "compiled"), ("plugin-eager", "eager"))
 PREFILL_METRIC = "vllm:request_prefill_time_seconds_sum"
+WALL_KEYS = ("worker_ns", "callback_ns", "scheduler_ns")
+CPU_KEYS = ("worker_cpu_ns", "callback_ns", "scheduler_cpu_ns")  # callbacks: wall (eager only, µs-short)
+RESERVED_ENV = "VLLM_CPU_NUM_OF_RESERVED_CPU"
 
 
 def _payload_bytes(num_layers: int, num_experts: int, top_k: int, num_tokens: int) -> tuple[int, int]:
@@ -87,7 +99,7 @@ def _prefill_seconds_total(engine: Engine) -> float:
     return sum(float(v) for v in re.findall(pattern, text, re.M))
 
 
-def _spec(name: str, model_dir: Path, common: tuple[str, ...]) -> EngineSpec:
+def _spec(name: str, model_dir: Path, common: tuple[str, ...], reserved: str) -> EngineSpec:
     is_plugin = name.startswith("plugin")
     args = (*common, *EAGER_ARGS) if name.endswith("eager") else common
     return EngineSpec(
@@ -95,7 +107,7 @@ def _spec(name: str, model_dir: Path, common: tuple[str, ...]) -> EngineSpec:
         model_dir,
         kv_config(is_plugin=True, wrapped=None) if is_plugin else None,
         extra_args=args,
-        env={TIMING_ENV: "1"} if is_plugin else {},
+        env={**({TIMING_ENV: "1"} if is_plugin else {}), **({RESERVED_ENV: reserved} if reserved else {})},
     )
 
 
@@ -107,6 +119,7 @@ def _measure(
     client_ms: list[float] = []
     engine_ms: list[float] = []
     plugin_ns: list[int] = []
+    plugin_cpu_ns: list[int] = []
     previous: dict[str, int] | None = None
     for rep in range(warmup + reps):
         token_ids = _prompt(length, seed + rep, vocab_size)
@@ -128,11 +141,15 @@ def _measure(
             client_ms.append(elapsed_ms)
             engine_ms.append(prefill_ms)
             if totals is not None and previous is not None:
-                plugin_ns.append(
-                    sum(totals[k] - previous[k] for k in ("worker_ns", "callback_ns", "scheduler_ns"))
-                )
+                plugin_ns.append(sum(totals[k] - previous[k] for k in WALL_KEYS))
+                plugin_cpu_ns.append(sum(totals[k] - previous[k] for k in CPU_KEYS))
         previous = totals
-    return {"client_ms": client_ms, "engine_ms": engine_ms, "plugin_ns": plugin_ns}
+    return {
+        "client_ms": client_ms,
+        "engine_ms": engine_ms,
+        "plugin_ns": plugin_ns,
+        "plugin_cpu_ns": plugin_cpu_ns,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -154,6 +171,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="benchmarks/results/plugin_overhead.md",
         help="results file (markdown; raw JSON beside it)",
     )
+    parser.add_argument(
+        "--reserved-cpus",
+        default="1",
+        help=f"{RESERVED_ENV} for every engine (default 1; '' keeps vLLM's choice, which reserves one "
+        "more core when any KV connector is configured and so binds connector engines differently)",
+    )
     args = parser.parse_args(argv)
     args.machine_at_start = machine()
     names = [n for n in args.engines.split(",") if n]
@@ -170,7 +193,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for round_index in range(args.rounds):
         order = names[round_index % len(names) :] + names[: round_index % len(names)]
         for name in order:
-            engine = start_engine(_spec(name, model_dir, common), work / f"logs-{round_index}")
+            engine = start_engine(
+                _spec(name, model_dir, common, args.reserved_cpus), work / f"logs-{round_index}"
+            )
             try:
                 engine.wait_healthy()
                 for length in LENGTHS:
@@ -209,12 +234,17 @@ def _report(runs: list[dict[str, Any]], args: argparse.Namespace, spec: TinyMoeS
         f"Commit {commit()}; machine at the start: {args.machine_at_start}; at the end: {machine()}; "
         f"vLLM {_vllm_version()}; command: `flock /tmp/eldr-cpu.lock .venv/bin/python "
         f"benchmarks/plugin_overhead.py --rounds {args.rounds} --reps {args.reps} --warmup {args.warmup} "
-        f"--engines {args.engines}`.",
+        f"--engines {args.engines} --reserved-cpus '{args.reserved_cpus}'`.",
         f"Model: tiny random Qwen3-MoE ({spec.num_layers} layers, {spec.num_experts} experts, "
         f"top-{spec.top_k}, hidden {spec.hidden_size}, float32); prefix caching off; "
         "one request at a time; one engine at a time, alone; "
         f"{len(rounds)} rounds (engine order rotated), {args.reps} timed requests per engine, "
-        "length and round. Plugin engines run with `ELDR_PLUGIN_TIMING=1`.",
+        "length and round. Plugin engines run with `ELDR_PLUGIN_TIMING=1`. "
+        + (
+            f"Every engine runs with `{RESERVED_ENV}={args.reserved_cpus}` (same CPU binding for all)."
+            if args.reserved_cpus
+            else "vLLM's own CPU binding (it differs between engines with and without a KV connector)."
+        ),
         "",
         "## End to end: client latency, median per round (ms)",
         "",
@@ -256,35 +286,45 @@ def _report(runs: list[dict[str, Any]], args: argparse.Namespace, spec: TinyMoeS
         "",
         "## The plugin's own time per request (in-engine clocks, all rounds pooled)",
         "",
-        "| engine | tokens | requests | plugin µs per request: median (p10–p90) | client ms median "
-        "| plugin / client latency: median (p90) | plugin / engine prefill time: median |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| engine | tokens | requests | plugin µs per request, wall: median (p10–p90) "
+        "| plugin µs, CPU: median | client ms median | plugin wall / client latency: median (p90) "
+        "| plugin CPU / client latency: median | plugin wall / engine prefill time: median |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name in (n for n in names if n.startswith("plugin")):
         for tokens in LENGTHS:
             selected = [r for r in runs if r["engine"] == name and r["tokens"] == tokens]
-            plugin_us: list[float] = []
+            wall_us: list[float] = []
+            cpu_us: list[float] = []
             shares: list[float] = []
+            cpu_shares: list[float] = []
             engine_shares: list[float] = []
             client: list[float] = []
             for run in selected:
                 # plugin_ns[i] belongs to the request whose answer closed it: the (i+1)-th timed one
-                for ns, client_ms, engine_ms in zip(
-                    run["plugin_ns"], run["client_ms"][1:], run["engine_ms"][1:], strict=False
+                for ns, cpu_ns, client_ms, engine_ms in zip(
+                    run["plugin_ns"],
+                    run["plugin_cpu_ns"],
+                    run["client_ms"][1:],
+                    run["engine_ms"][1:],
+                    strict=False,
                 ):
-                    plugin_us.append(ns / 1000.0)
+                    wall_us.append(ns / 1000.0)
+                    cpu_us.append(cpu_ns / 1000.0)
                     shares.append(ns / 1e6 / client_ms)
+                    cpu_shares.append(cpu_ns / 1e6 / client_ms)
                     if engine_ms > 0:
                         engine_shares.append(ns / 1e6 / engine_ms)
                 client += run["client_ms"]
-            if not plugin_us:
+            if not wall_us:
                 continue
-            p10, p90 = np.percentile(plugin_us, [10, 90])
+            p10, p90 = np.percentile(wall_us, [10, 90])
             lines.append(
-                f"| {name} | {tokens} | {len(plugin_us)} | "
-                f"{statistics.median(plugin_us):.0f} ({p10:.0f}–{p90:.0f}) "
+                f"| {name} | {tokens} | {len(wall_us)} | "
+                f"{statistics.median(wall_us):.0f} ({p10:.0f}–{p90:.0f}) | {statistics.median(cpu_us):.0f} "
                 f"| {statistics.median(client):.1f} | {100 * statistics.median(shares):.2f}% "
-                f"({100 * float(np.percentile(shares, 90)):.2f}%) | "
+                f"({100 * float(np.percentile(shares, 90)):.2f}%) "
+                f"| {100 * statistics.median(cpu_shares):.2f}% | "
                 f"{100 * statistics.median(engine_shares):.2f}% |"
             )
     lines += _copy_table(spec)

