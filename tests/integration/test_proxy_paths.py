@@ -197,6 +197,17 @@ def test_client_disconnect_cancels_upstream(cluster: Cluster) -> None:
         assert first.startswith(b"data: ")
     wait_for(lambda: decode.active == 0 and cluster.in_flight() == [0, 0, 0, 0])
     assert len(decode.received) == 1
+    assert cluster.metric("eldr_client_disconnects_total") == 1
+
+
+def test_client_disconnect_during_json_decode_cancels_it(cluster: Cluster) -> None:
+    for engine in cluster.decode:
+        engine.delay_s = 5.0
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(cluster.url + "/v1/completions", json=body(), timeout=0.5)
+    wait_for(lambda: sum(e.cancelled for e in cluster.decode) == 1 and cluster.in_flight() == [0, 0, 0, 0])
+    assert cluster.metric("eldr_client_disconnects_total") == 1
+    assert cluster.proxy.call(lambda: cluster.state.admission.active) == 0
 
 
 def test_client_disconnect_during_prefill_cancels_it(cluster: Cluster) -> None:

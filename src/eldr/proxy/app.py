@@ -1,8 +1,9 @@
-"""The Starlette app: OpenAI-compatible endpoints in front of vLLM prefill and decode instances.
+"""The ASGI app: OpenAI-compatible endpoints in front of vLLM prefill and decode instances.
 
-Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics,
-and /admin/* (only with an admin token). Every failure the proxy answers itself is an OpenAI-style
-error body; broad exceptions are caught only here, at the edge, and counted.
+POST /v1/completions and /v1/chat/completions are served by a direct ASGI handler (the hot path: no
+middleware stack, no per-request Request object); GET /v1/models, /health, /metrics and /admin/* (only
+with an admin token) go through a Starlette router. Every failure the proxy answers itself is an
+OpenAI-style error body; broad exceptions are caught only here, at the edge, and counted.
 """
 
 from __future__ import annotations
@@ -12,28 +13,49 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
-from typing import Any
 
 from starlette.applications import Starlette
+from starlette.datastructures import State
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from eldr.errors import EldrError
 from eldr.partition import Partition
 from eldr.proxy.admin import admin_routes
 from eldr.proxy.admission import Rejected
 from eldr.proxy.config import ServeConfig
+from eldr.proxy.disconnect import DisconnectWatch
 from eldr.proxy.forwarding import ClientRequest, RelayResponse, UpstreamRefused, new_request_id
 from eldr.proxy.openai_errors import ProxyError, error_response
 from eldr.proxy.state import ProxyState
 
 log = logging.getLogger("eldr.proxy")
 
+GENERATE_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 
-def build_app(config: ServeConfig, partition: Partition | None) -> Starlette:
+
+class ProxyApp:
+    """The ASGI callable: the generate endpoints directly, everything else (and lifespan) by Starlette."""
+
+    def __init__(self, proxy: ProxyState, routes: Starlette) -> None:
+        self.proxy, self.routes = proxy, routes
+
+    @property
+    def state(self) -> State:
+        return self.routes.state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in GENERATE_PATHS:
+            await _generate(self.proxy, scope, receive, send)
+        else:
+            await self.routes(scope, receive, send)
+
+
+def build_app(config: ServeConfig, partition: Partition | None) -> ProxyApp:
     """The ASGI app; its lifespan opens the shared HTTP client and starts the health checks."""
     state = ProxyState(config, partition)
 
@@ -46,8 +68,8 @@ def build_app(config: ServeConfig, partition: Partition | None) -> Starlette:
             await state.stop()
 
     routes = [
-        Route("/v1/completions", _generate, methods=["POST"]),
-        Route("/v1/chat/completions", _generate, methods=["POST"]),
+        Route("/v1/completions", _post_only, methods=["POST"]),
+        Route("/v1/chat/completions", _post_only, methods=["POST"]),
         Route("/v1/models", _models, methods=["GET"]),
         Route("/health", _health, methods=["GET"]),
         Route("/metrics", _metrics, methods=["GET"]),
@@ -55,7 +77,11 @@ def build_app(config: ServeConfig, partition: Partition | None) -> Starlette:
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.proxy = state
-    return app
+    return ProxyApp(state, app)
+
+
+async def _post_only(request: Request) -> Response:  # pragma: no cover - POSTs never reach Starlette
+    raise AssertionError("generate requests are served by ProxyApp")
 
 
 def _state(request: Request) -> ProxyState:
@@ -63,13 +89,12 @@ def _state(request: Request) -> ProxyState:
     return state
 
 
-async def _generate(request: Request) -> Response:
-    state = _state(request)
-    endpoint = request.url.path
+async def _generate(state: ProxyState, scope: Scope, receive: Receive, send: Send) -> None:
+    endpoint: str = scope["path"]
     started = time.perf_counter()
     response: Response
     try:
-        client_request = await _parse(request, state)
+        client_request = await _parse(scope, receive, state)
         await state.admission.acquire()
     except ProxyError as exc:
         response = error_response(exc)
@@ -79,22 +104,28 @@ async def _generate(request: Request) -> Response:
         response = error_response(ProxyError(exc.status, message, "rate_limit_exceeded", retry_after_s=1))
     except ClientDisconnect:
         state.metrics.disconnects.inc()
-        return Response(status_code=499)
+        return
     else:
-        response = await _admitted(request, state, client_request)
-        if isinstance(response, RelayResponse):
-            response.on_close.append(state.admission.release)
-            response.on_close.append(lambda: _observe(state, endpoint, response.status_code, started))
-            return response
+        try:
+            response = await _admitted(receive, state, client_request)
+        except BaseException:  # cancelled (server shutting down): the slot is still given back
+            state.admission.release()
+            raise
+        if isinstance(response, RelayResponse):  # the slot and the timing end with the stream
+            relay = response
+            relay.on_close.append(state.admission.release)
+            relay.on_close.append(lambda: _observe(state, endpoint, relay.status_code, started))
+            await relay(scope, receive, send)
+            return
         state.admission.release()
     _observe(state, endpoint, response.status_code, started)
-    return response
+    await response(scope, receive, send)
 
 
-async def _admitted(request: Request, state: ProxyState, client_request: ClientRequest) -> Response:
+async def _admitted(receive: Receive, state: ProxyState, client_request: ClientRequest) -> Response:
     assert state.forwarder is not None
     try:
-        return await _unless_disconnected(request, state.forwarder.handle(client_request))
+        return await _unless_disconnected(receive, state.forwarder.handle(client_request))
     except ProxyError as exc:
         return error_response(exc)
     except UpstreamRefused as exc:
@@ -110,47 +141,41 @@ async def _admitted(request: Request, state: ProxyState, client_request: ClientR
         return error_response(ProxyError(500, "internal proxy error", "internal_error"))
 
 
-async def _unless_disconnected(request: Request, work: Awaitable[Response]) -> Response:
-    """Run `work`, cancelling it (and so its upstream requests) if the client goes away first."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(request.receive))
+async def _unless_disconnected(receive: Receive, work: Awaitable[Response]) -> Response:
+    """Run `work` in this task, cancelling it (and so its upstream requests) if the client goes away."""
+    watch = DisconnectWatch(receive)
     try:
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-    if task.done():
-        return task.result()
-    task.cancel()
-    try:
-        result = await task
+        return await work
     except asyncio.CancelledError:
-        raise ClientDisconnect() from None
-    if isinstance(result, RelayResponse):  # finished just as the client left: release it
-        result.discard()
-    raise ClientDisconnect()
+        if watch.has_cancelled():
+            raise ClientDisconnect() from None
+        raise
+    finally:
+        watch.stop()
 
 
-async def _disconnected(receive: Callable[[], Awaitable[Any]]) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _parse(request: Request, state: ProxyState) -> ClientRequest:
+async def _parse(scope: Scope, receive: Receive, state: ProxyState) -> ClientRequest:
     config = state.config
+    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
     if config.api_key is not None:
-        given = request.headers.get("authorization", "")
+        given = headers.get("authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {config.api_key}".encode()):
             raise ProxyError(
                 401, "missing or wrong API key (send Authorization: Bearer <key>)", "authentication_error"
             )
-    declared = request.headers.get("content-length")
+    declared = headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > config.max_body_bytes:
         raise ProxyError(413, f"request body over {config.max_body_bytes} bytes", "invalid_request_error")
     raw = bytearray()
-    async for chunk in request.stream():
-        raw += chunk
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        raw += message.get("body", b"")
         if len(raw) > config.max_body_bytes:
             raise ProxyError(413, f"request body over {config.max_body_bytes} bytes", "invalid_request_error")
+        if not message.get("more_body", False):
+            break
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -162,13 +187,14 @@ async def _parse(request: Request, state: ProxyState) -> ClientRequest:
     if model is not None and known and model not in known:
         raise ProxyError(404, f"The model `{model}` does not exist.", "NotFoundError", param="model")
     body.pop("kv_transfer_params", None)  # the protocol's field is the proxy's to set
-    request_id = request.headers.get("x-request-id") or new_request_id()
-    return ClientRequest(request.url.path, body, request_id, request.headers.get("authorization"))
+    request_id = headers.get("x-request-id") or new_request_id()
+    return ClientRequest(scope["path"], body, request_id, headers.get("authorization"))
 
 
 def _observe(state: ProxyState, endpoint: str, status: int, started: float) -> None:
-    state.metrics.requests.labels(endpoint, str(status)).inc()
-    state.metrics.request_seconds.labels(endpoint, str(status)).observe(time.perf_counter() - started)
+    m = state.metrics
+    m.child(m.requests, endpoint, str(status)).inc()
+    m.child(m.request_seconds, endpoint, str(status)).observe(time.perf_counter() - started)
 
 
 async def _models(request: Request) -> Response:

@@ -28,6 +28,7 @@ from starlette.responses import Response, StreamingResponse
 from eldr.errors import NoHealthyWorkerError
 from eldr.policy import RequestView
 from eldr.proxy.config import ServeConfig
+from eldr.proxy.disconnect import DisconnectWatch
 from eldr.proxy.metrics import Metrics
 from eldr.proxy.openai_errors import ProxyError, error_response
 from eldr.proxy.routing import DecodeRouter, PrefillChooser
@@ -85,7 +86,7 @@ class Lease:
         self.is_released = False
         self.started = time.perf_counter()
         worker.in_flight += 1
-        metrics.in_flight.labels(worker.role, worker.url).inc()
+        metrics.child(metrics.in_flight, worker.role, worker.url).inc()
 
     def release(self, outcome: str) -> None:
         if self.is_released:
@@ -94,9 +95,9 @@ class Lease:
         w = self.worker
         w.in_flight -= 1
         m = self._metrics
-        m.in_flight.labels(w.role, w.url).dec()
-        m.legs.labels(w.role, w.url, outcome).inc()
-        m.leg_seconds.labels(w.role, w.url, outcome).observe(time.perf_counter() - self.started)
+        m.child(m.in_flight, w.role, w.url).dec()
+        m.child(m.legs, w.role, w.url, outcome).inc()
+        m.child(m.leg_seconds, w.role, w.url, outcome).observe(time.perf_counter() - self.started)
 
 
 class Forwarder:
@@ -222,14 +223,14 @@ class Forwarder:
             )
             counts = None
         m = self.metrics
-        m.signature_sources.labels(extracted.source).inc()
+        m.child(m.signature_sources, extracted.source).inc()
         if error is not None:
             self.note_malformed(self.prefill.workers[p_index], error)
         decision = self.router.choose(RequestView(request.request_id, counts), failed_decode)
         self.on_routed()
         m.decision_seconds.observe(time.perf_counter() - started)
         worker = self.router.pool.workers[decision.worker]
-        m.decisions.labels(self.policy_name, worker.url).inc()
+        m.child(m.decisions, self.policy_name, worker.url).inc()
         if decision.is_fallback:
             m.fallbacks.labels("malformed" if error else "no_signature").inc()
         if decision.band:
@@ -336,7 +337,8 @@ class Forwarder:
 
 
 class RelayResponse(StreamingResponse):
-    """A relayed stream whose clean-up runs however it ends, even if it never started."""
+    """A relayed SSE stream: sent as it arrives, stopped when the client leaves, cleaned up however it
+    ends (even if it never started)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -344,9 +346,25 @@ class RelayResponse(StreamingResponse):
         self.upstream: aiohttp.ClientResponse | None = None
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        # plain asyncio instead of Starlette's task group: one watcher task cancels this one on disconnect
+        watch = DisconnectWatch(receive)
         try:
-            await super().__call__(scope, receive, send)
+            await send(
+                {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+            )
+            async for chunk in self.body_iterator:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not watch.has_cancelled():
+                raise
+        except OSError:  # the client's connection broke while sending
+            pass
         finally:
+            watch.stop()
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()  # runs the relay's own clean-up if the loop above was cut short
             self.discard()
 
     def discard(self) -> None:
