@@ -24,6 +24,7 @@ from typing import Any
 
 import aiohttp
 from starlette.responses import Response, StreamingResponse
+from yarl import URL
 
 from eldr.errors import NoHealthyWorkerError
 from eldr.policy import RequestView
@@ -123,9 +124,18 @@ class Forwarder:
         )
         self.json_timeout = aiohttp.ClientTimeout(sock_connect=connect, sock_read=config.decode_timeout_s)
         self.policy_name = config.policy
+        self._urls: dict[tuple[str, str], URL] = {}
         self.on_routed: Callable[[], None] = _nothing  # called after each decision (refit trigger)
         band = router.band
         self.expected_shape = (band.transform.num_layers, band.transform.num_experts) if band else None
+
+    def url_of(self, worker: Worker, path: str) -> URL:
+        """The parsed upstream URL (parsed once per instance and endpoint, not per request)."""
+        key = (worker.url, path)
+        url = self._urls.get(key)
+        if url is None:
+            url = self._urls[key] = URL(worker.url + path)
+        return url
 
     def headers(self, request: ClientRequest, request_id: str) -> dict[str, str]:
         headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
@@ -186,7 +196,7 @@ class Forwarder:
         outcome = "error"
         try:
             async with self.client.post(
-                worker.url + request.path,
+                self.url_of(worker, request.path),
                 data=json.dumps(body),
                 headers=headers,
                 timeout=self.prefill_timeout,
@@ -257,7 +267,7 @@ class Forwarder:
         try:
             async with asyncio.timeout(self.config.decode_timeout_s):
                 response = await self.client.post(
-                    worker.url + request.path,
+                    self.url_of(worker, request.path),
                     data=json.dumps(body),
                     headers=headers,
                     timeout=self.stream_timeout if is_stream else self.json_timeout,

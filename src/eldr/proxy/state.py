@@ -74,7 +74,10 @@ class ProxyState:
         # idle connections expire before the engines' (uvicorn's 5 s) keep-alive timeout to avoid reuse races
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=2.0)
         self.client = aiohttp.ClientSession(
-            connector=connector, timeout=aiohttp.ClientTimeout(total=None), trust_env=False
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=None),
+            cookie_jar=aiohttp.DummyCookieJar(),  # a proxy keeps no cookies between clients
+            trust_env=False,
         )
         self.forwarder = Forwarder(
             self.config, self.prefill, self.chooser, self.router, self.metrics, self.client
