@@ -62,8 +62,9 @@ def check_conservation(counts: CountArray, num_tokens: int, top_k: int) -> None:
     sums = counts.reshape(counts.shape[0], -1).sum(axis=1) if counts.ndim == 2 else None
     if sums is None:
         raise InvalidInputError(f"counts must have shape [layers, experts], got {counts.shape}")
-    bad = np.flatnonzero(sums != num_tokens * top_k)
-    if bad.size:
+    is_bad = sums != num_tokens * top_k
+    if is_bad.any():
+        bad = np.flatnonzero(is_bad)
         layer = int(bad[0])
         raise InvalidInputError(
             f"layer {layer} counts sum to {int(sums[layer])}, expected "

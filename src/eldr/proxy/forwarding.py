@@ -154,7 +154,7 @@ class Forwarder:
             request_id = request.request_id if attempt == 0 else f"{request.request_id}-retry{attempt}"
             headers = self.headers(request, request_id)
             try:
-                p_index = self.chooser.choose(request.prompt_key(), failed_prefill)
+                p_index = self.chooser.choose(request.prompt_key, failed_prefill)
             except NoHealthyWorkerError:
                 break
             try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 from collections import deque
+from collections.abc import Callable
 
 import numpy as np
 
@@ -122,12 +123,15 @@ class PrefillChooser:
         )
         self._ring, self._ring_keys = ring, [k for k, _ in ring]
 
-    def choose(self, prompt_key: bytes, excluded: set[int]) -> int:
+    def choose(self, prompt_key: Callable[[], bytes], excluded: set[int]) -> int:
+        """The prefill instance; `prompt_key` is only called (it serializes chat messages) when hashing."""
+        if self.mode == "least-loaded":
+            return self.pool.least_loaded(excluded, self._rng)
         view = self.pool.view(excluded)
         healthy = view.healthy_indices()
-        if self.mode == "least-loaded" or healthy.size == 1:
-            return least_loaded(healthy, view, self._rng)
-        start = bisect.bisect(self._ring_keys, _hash(prompt_key[: self.prefix_bytes]))
+        if healthy.size == 1:
+            return int(healthy[0])
+        start = bisect.bisect(self._ring_keys, _hash(prompt_key()[: self.prefix_bytes]))
         mean_load = float(view.in_flight[healthy].mean())
         for step in range(len(self._ring)):
             index = self.pool.index_of(self._ring[(start + step) % len(self._ring)][1])

@@ -68,7 +68,13 @@ class ProxyState:
     def known_models(self) -> tuple[str, ...]:
         if self.config.models:
             return self.config.models
-        return tuple(sorted({m for w in self.all_workers() for m in w.models}))
+        key = tuple(w.models for w in self.all_workers())
+        if key != self._models_key:  # recomputed only when an instance's model list changed
+            self._models_key, self._models = key, tuple(sorted({m for models in key for m in models}))
+        return self._models
+
+    _models_key: tuple[tuple[str, ...], ...] = ()
+    _models: tuple[str, ...] = ()
 
     async def start(self) -> None:
         # idle connections expire before the engines' (uvicorn's 5 s) keep-alive timeout to avoid reuse races

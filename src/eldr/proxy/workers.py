@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from eldr.errors import NoHealthyWorkerError
 from eldr.policy import WorkersView
 
 
@@ -66,6 +67,23 @@ class Pool:
             (w.is_routable and i not in excluded for i, w in enumerate(self.workers)), np.bool_, len(self)
         )
         return WorkersView(self.loads(), ok)
+
+    def least_loaded(self, excluded: set[int], rng: np.random.Generator) -> int:
+        """The routable instance with the lowest load signal, ties broken at random (plain Python: the
+        pools are small and this runs on every request)."""
+        best: list[int] = []
+        lowest = 0
+        for i, w in enumerate(self.workers):
+            if not w.is_routable or i in excluded:
+                continue
+            load = max(w.in_flight, w.engine_load or 0) if self.is_blended else w.in_flight
+            if not best or load < lowest:
+                best, lowest = [i], load
+            elif load == lowest:
+                best.append(i)
+        if not best:
+            raise NoHealthyWorkerError(f"no healthy {self.role} instance")
+        return best[0] if len(best) == 1 else best[int(rng.integers(len(best)))]
 
     def index_of(self, url: str) -> int | None:
         for i, w in enumerate(self.workers):
