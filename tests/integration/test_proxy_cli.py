@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import fake_partition
+from cluster_rig import fake_partition
 from fakes import FakeEngine
 
 from eldr.cli import build_parser, main

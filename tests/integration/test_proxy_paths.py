@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from conftest import WORD_OF_DECODE, Cluster, fake_partition
+from cluster_rig import WORD_OF_DECODE, Cluster, fake_partition
 from fakes import FakeEngine, answer_words
 
 from eldr.errors import PartitionMismatchError

@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Cluster
+from cluster_rig import Cluster
 from fakes import answer_words
 
 NUM_REQUESTS = int(os.environ.get("SOAK_N", 5000))
