@@ -351,6 +351,8 @@ class EldrConnector(KVConnectorBase_V1):
             filled = self._ledger.apply(meta.step, meta.delta, meta.top_k)
             if timing.IS_ENABLED:
                 timing.CLOCK.receive(*meta.timing_ns)
+                if meta.step % 50 == 0:
+                    logger.info("%s", timing.hook_report())
                 for params in filled:
                     params[timing.TIMING_KEY] = timing.CLOCK.snapshot()
             connector_output.kv_connector_worker_meta = meta.inner
@@ -450,6 +452,8 @@ if timing.IS_ENABLED:  # benchmark-only clocks (benchmarks/plugin_overhead.py); 
         meta = _build_worker_meta(self)  # its own time is already in the worker clock
         if isinstance(meta, EldrWorkerMeta):
             meta.timing_ns = timing.CLOCK.take_worker()
+            if meta.step % 50 == 0:
+                logger.info("%s", timing.hook_report())
         return meta
 
     EldrConnector.build_connector_worker_meta = _ship_timing  # type: ignore[method-assign]

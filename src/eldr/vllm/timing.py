@@ -39,6 +39,7 @@ class Clock:
         self.worker_pending_ns = 0
         self.worker_pending_cpu_ns = 0
         self.callback_pending_ns = 0
+        self.by_hook: dict[str, list[int]] = {}  # name -> [calls, wall ns, CPU ns], logged by the worker
         self.totals = {
             "worker_ns": 0,
             "callback_ns": 0,
@@ -67,29 +68,53 @@ CLOCK = Clock()
 
 
 def _timed_worker(fn: Callable[..., Any]) -> Callable[..., Any]:
+    hook = CLOCK.by_hook.setdefault(fn.__name__, [0, 0, 0])
+
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         start, start_cpu = time.perf_counter_ns(), time.thread_time_ns()
         try:
             return fn(*args, **kwargs)
         finally:
-            CLOCK.worker_pending_cpu_ns += time.thread_time_ns() - start_cpu
-            CLOCK.worker_pending_ns += time.perf_counter_ns() - start
+            cpu_ns = time.thread_time_ns() - start_cpu
+            wall_ns = time.perf_counter_ns() - start
+            CLOCK.worker_pending_cpu_ns += cpu_ns
+            CLOCK.worker_pending_ns += wall_ns
+            hook[0] += 1
+            hook[1] += wall_ns
+            hook[2] += cpu_ns
 
     return wrapper
 
 
 def _timed_scheduler(fn: Callable[..., Any]) -> Callable[..., Any]:
+    hook = CLOCK.by_hook.setdefault(fn.__name__, [0, 0, 0])
+
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         start, start_cpu = time.perf_counter_ns(), time.thread_time_ns()
         try:
             return fn(*args, **kwargs)
         finally:
-            CLOCK.totals["scheduler_cpu_ns"] += time.thread_time_ns() - start_cpu
-            CLOCK.totals["scheduler_ns"] += time.perf_counter_ns() - start
+            cpu_ns = time.thread_time_ns() - start_cpu
+            wall_ns = time.perf_counter_ns() - start
+            CLOCK.totals["scheduler_cpu_ns"] += cpu_ns
+            CLOCK.totals["scheduler_ns"] += wall_ns
+            hook[0] += 1
+            hook[1] += wall_ns
+            hook[2] += cpu_ns
 
     return wrapper
+
+
+def hook_report() -> str:
+    """One line: per hook, calls and mean wall / CPU µs per call (this process's hooks)."""
+    parts = [
+        f"{name} {calls}x {wall / calls / 1000:.0f}/{cpu / calls / 1000:.0f}"
+        for name, (calls, wall, cpu) in sorted(CLOCK.by_hook.items())
+        if calls
+    ]
+    return "eldr timing (calls, mean wall/CPU µs): " + ", ".join(parts)
 
 
 def instrument(cls: type, worker_hooks: tuple[str, ...], scheduler_hooks: tuple[str, ...]) -> None:
