@@ -64,10 +64,13 @@ def install_tap(layer_id: int, router: Any, max_num_tokens: int, *, is_timed: bo
     """
     tap = _TAPS.get(id(router))
     if tap is not None and tap.router is router:
-        return tap
-    buffer = torch.full(
-        (max_num_tokens, int(router.top_k)), UNWRITTEN, dtype=torch.int32, device=_device_of(router)
-    )
+        if tap.is_installed:
+            return tap
+        buffer = tap.buffer  # someone replaced the callback since: chain ours again (eager mode only)
+    else:
+        buffer = torch.full(
+            (max_num_tokens, int(router.top_k)), UNWRITTEN, dtype=torch.int32, device=_device_of(router)
+        )
     record: Callable[[torch.Tensor], None] = partial(record_topk, buffer)
     if is_timed:
         from eldr.vllm.timing import timed_callback

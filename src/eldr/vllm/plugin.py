@@ -45,8 +45,8 @@ def uses_eldr_connector(vllm_config: Any) -> bool:
 
 
 def _on_module(parent: torch.nn.Module, name: str, module: torch.nn.Module | None) -> None:
-    if module is None or type(module).__name__ != "MoERunner":
-        return  # cheap filter first: this runs for every submodule of every model built
+    if module is None or not any(cls.__name__ == "MoERunner" for cls in type(module).__mro__):
+        return  # cheap filter first (no import): this runs for every submodule of every model built
     from vllm.config import get_current_vllm_config_or_none
     from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
 

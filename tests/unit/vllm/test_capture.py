@@ -144,3 +144,18 @@ def test_chained_callbacks_both_run() -> None:
     chain_capture(router, lambda ids: seen.append("second"))
     router.route(torch.randn(2, 4))
     assert seen == ["first", "second"]
+
+
+def test_a_replaced_callback_is_chained_again_in_eager_mode() -> None:
+    from eldr.vllm import capture
+
+    router = _Router()
+    router.top_k = 2  # type: ignore[attr-defined]
+    tap = capture.install_tap(0, router, max_num_tokens=8)
+    assert tap.is_installed
+    router.set_capture_fn(lambda ids: None)  # e.g. another capturer bound after the model was built
+    assert not tap.is_installed
+    again = capture.install_tap(0, router, max_num_tokens=8)
+    assert again.is_installed and again.buffer is tap.buffer
+    ids = router.route(torch.randn(3, 4))
+    assert torch.equal(again.buffer[:3], ids.to(torch.int32))
