@@ -8,8 +8,11 @@ Loaded by stock vLLM through its supported extension point, e.g. on a GPU prefil
 Every KV-transfer call is delegated to the wrapped connector (`eldr_wrapped`: NixlConnector in
 production, ExampleConnector in the CPU tests, absent for none). On top of it:
 
-- worker side: the MoE routers' capture callback folds each step's real top-k ids into per-KV-block
-  rows (`capture.StepFold`); `build_connector_worker_meta` sends them back with the step number;
+- worker side: the MoE routers' capture callbacks record each forward's real top-k ids into fixed
+  buffers (`capture.RouterTap`, installed while the model is built by the `eldr` general plugin,
+  `plugin.py`, so compiled graphs contain the copy); `bind_connector_metadata` arms the rows of the
+  step's tokens, `build_connector_worker_meta` folds them into per-KV-block rows (`capture.TapSet`)
+  and sends them back with the step number;
 - scheduler side: `build_connector_meta` numbers steps and notes which requests finish their prefill;
   `update_connector_output` folds the rows into the signature cache (`blockcache`) and fills the
   params `request_finished` returned with `kv_transfer_params["eldr"]` (`ledger` explains why the
