@@ -38,7 +38,10 @@ import numpy as np
 from provenance import commit, machine
 
 ROOT = Path(__file__).resolve().parent.parent
-FAKES = ROOT / "tests" / "integration" / "fakes.py"
+FAKES = {
+    "instant": ROOT / "benchmarks" / "instant_engine.py",
+    "starlette": ROOT / "tests" / "integration" / "fakes.py",
+}
 NUM_LAYERS, NUM_EXPERTS, TOP_K, NUM_DECODE_ROUTING = 48, 128, 8, 16
 PROMPT = "d " + "word " * 200  # ~200 prompt 'tokens': a 16 KiB signature payload from the fake prefill
 
@@ -257,6 +260,13 @@ def main() -> int:
     parser.add_argument(
         "--out", default=str(ROOT / "benchmarks/results/proxy_overhead.md"), help="results file"
     )
+    parser.add_argument(
+        "--fakes",
+        choices=sorted(FAKES),
+        default="instant",
+        help="fake engines: instant (benchmarks/instant_engine.py, pre-rendered answers; default) or "
+        "starlette (the integration tests' fakes, ~0.3 ms of Python per request)",
+    )
     parser.add_argument("--load-gen", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.load_gen:
@@ -299,7 +309,7 @@ def main() -> int:
                 start(
                     [
                         sys.executable,
-                        str(FAKES),
+                        str(FAKES[args.fakes]),
                         "--role",
                         role,
                         "--port",
@@ -310,7 +320,8 @@ def main() -> int:
                         str(NUM_EXPERTS),
                         "--top-k",
                         str(TOP_K),
-                        "--lenient",  # vllm-router forwards the eldr key to the decode; eldr serve strips it
+                        # vllm-router forwards the eldr key to the decode; eldr serve strips it
+                        *(["--lenient"] if args.fakes == "starlette" else []),
                     ],
                     logs / f"{name}.log",
                 )
