@@ -110,9 +110,9 @@ def test_soak_with_random_failures() -> None:
         assert c.in_flight() == [0] * 5
         assert c.proxy.call(lambda: c.state.admission.active) == 0
         assert c.proxy.call(lambda: len(asyncio.all_tasks())) <= tasks_before
-        connector = c.state.client.connector  # type: ignore[union-attr]
-        busy = c.proxy.call(lambda: len(connector._acquired))  # type: ignore[union-attr]
-        assert busy == 0  # every upstream connection was released or closed
+        client = c.state.client
+        assert client is not None
+        assert c.proxy.call(lambda: client.num_in_use) == 0  # every upstream connection released or closed
         print(f"soak: {outcomes} in {elapsed_s:.1f} s ({NUM_REQUESTS / elapsed_s:.0f} req/s)")
     finally:
         c.close()

@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import orjson
 from starlette.applications import Starlette
 from starlette.datastructures import State
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from eldr.errors import EldrError
 from eldr.partition import Partition
@@ -29,8 +29,9 @@ from eldr.proxy.admin import admin_routes
 from eldr.proxy.admission import Rejected
 from eldr.proxy.config import ServeConfig
 from eldr.proxy.disconnect import DisconnectWatch
-from eldr.proxy.forwarding import ClientRequest, RelayResponse, UpstreamRefused, new_request_id
-from eldr.proxy.openai_errors import ProxyError, error_response
+from eldr.proxy.forwarding import ClientRequest, UpstreamRefused, new_request_id
+from eldr.proxy.openai_errors import ProxyError, error_reply
+from eldr.proxy.relay import Reply, StreamReply
 from eldr.proxy.state import ProxyState
 
 log = logging.getLogger("eldr.proxy")
@@ -92,66 +93,56 @@ def _state(request: Request) -> ProxyState:
 async def _generate(state: ProxyState, scope: Scope, receive: Receive, send: Send) -> None:
     endpoint: str = scope["path"]
     started = time.perf_counter()
-    response: Response
+    reply: Reply | StreamReply
     try:
         client_request = await _parse(scope, receive, state)
         await state.admission.acquire()
     except ProxyError as exc:
-        response = error_response(exc)
+        reply = error_reply(exc)
     except Rejected as exc:
         state.metrics.rejections.labels(exc.reason).inc()
         message = "too many requests queued" if exc.status == 429 else "timed out waiting for a free slot"
-        response = error_response(ProxyError(exc.status, message, "rate_limit_exceeded", retry_after_s=1))
+        reply = error_reply(ProxyError(exc.status, message, "rate_limit_exceeded", retry_after_s=1))
     except ClientDisconnect:
         state.metrics.disconnects.inc()
         return
     else:
+        # one watcher for the whole request: a client gone during the legs or the relay cancels this task
+        watch = DisconnectWatch(receive)
         try:
-            response = await _admitted(receive, state, client_request)
-        except BaseException:  # cancelled (server shutting down): the slot is still given back
+            reply = await _admitted(watch, state, client_request)
+            if isinstance(reply, StreamReply):  # the slot and the timing end with the stream
+                await reply.send(send, watch, state.metrics)
+                _observe(state, endpoint, reply.status, started)
+                return
+        finally:
+            watch.stop()
             state.admission.release()
-            raise
-        if isinstance(response, RelayResponse):  # the slot and the timing end with the stream
-            relay = response
-            relay.on_close.append(state.admission.release)
-            relay.on_close.append(lambda: _observe(state, endpoint, relay.status_code, started))
-            await relay(scope, receive, send)
-            return
-        state.admission.release()
-    _observe(state, endpoint, response.status_code, started)
-    await response(scope, receive, send)
+    _observe(state, endpoint, reply.status, started)
+    await reply.send(send)
 
 
-async def _admitted(receive: Receive, state: ProxyState, client_request: ClientRequest) -> Response:
+async def _admitted(
+    watch: DisconnectWatch, state: ProxyState, client_request: ClientRequest
+) -> Reply | StreamReply:
     assert state.forwarder is not None
     try:
-        return await _unless_disconnected(receive, state.forwarder.handle(client_request))
-    except ProxyError as exc:
-        return error_response(exc)
-    except UpstreamRefused as exc:
-        return exc.response
-    except ClientDisconnect:
-        state.metrics.disconnects.inc()
-        return Response(status_code=499)
-    except EldrError as exc:
-        log.error("request %s failed: %s", client_request.request_id, exc)
-        return error_response(ProxyError(500, str(exc), "internal_error"))
-    except Exception:  # the edge: one clear error and a log line, never a dropped connection
-        log.exception("request %s failed unexpectedly", client_request.request_id)
-        return error_response(ProxyError(500, "internal proxy error", "internal_error"))
-
-
-async def _unless_disconnected(receive: Receive, work: Awaitable[Response]) -> Response:
-    """Run `work` in this task, cancelling it (and so its upstream requests) if the client goes away."""
-    watch = DisconnectWatch(receive)
-    try:
-        return await work
+        return await state.forwarder.handle(client_request)
     except asyncio.CancelledError:
         if watch.has_cancelled():
-            raise ClientDisconnect() from None
+            state.metrics.disconnects.inc()
+            return Reply(499, b"")
         raise
-    finally:
-        watch.stop()
+    except ProxyError as exc:
+        return error_reply(exc)
+    except UpstreamRefused as exc:
+        return exc.reply
+    except EldrError as exc:
+        log.error("request %s failed: %s", client_request.request_id, exc)
+        return error_reply(ProxyError(500, str(exc), "internal_error"))
+    except Exception:  # the edge: one clear error and a log line, never a dropped connection
+        log.exception("request %s failed unexpectedly", client_request.request_id)
+        return error_reply(ProxyError(500, "internal proxy error", "internal_error"))
 
 
 async def _parse(scope: Scope, receive: Receive, state: ProxyState) -> ClientRequest:
@@ -166,19 +157,15 @@ async def _parse(scope: Scope, receive: Receive, state: ProxyState) -> ClientReq
     declared = headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > config.max_body_bytes:
         raise ProxyError(413, f"request body over {config.max_body_bytes} bytes", "invalid_request_error")
-    raw = bytearray()
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnect()
-        raw += message.get("body", b"")
-        if len(raw) > config.max_body_bytes:
-            raise ProxyError(413, f"request body over {config.max_body_bytes} bytes", "invalid_request_error")
-        if not message.get("more_body", False):
-            break
+    message = await receive()
+    raw = message.get("body", b"")
+    if message.get("more_body", False) or message["type"] == "http.disconnect":
+        raw = await _rest_of_body(receive, bytearray(raw), config.max_body_bytes, message)
+    if len(raw) > config.max_body_bytes:
+        raise ProxyError(413, f"request body over {config.max_body_bytes} bytes", "invalid_request_error")
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
         raise ProxyError(400, f"request body is not valid JSON: {exc}", "invalid_request_error") from None
     if not isinstance(body, dict):
         raise ProxyError(400, "request body must be a JSON object", "invalid_request_error")
@@ -189,6 +176,19 @@ async def _parse(scope: Scope, receive: Receive, state: ProxyState) -> ClientReq
     body.pop("kv_transfer_params", None)  # the protocol's field is the proxy's to set
     request_id = headers.get("x-request-id") or new_request_id()
     return ClientRequest(scope["path"], body, request_id, headers.get("authorization"))
+
+
+async def _rest_of_body(receive: Receive, raw: bytearray, limit: int, message: Message) -> bytes:
+    """The body of a request that arrived in several ASGI messages."""
+    while True:
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        if len(raw) > limit:
+            raise ProxyError(413, f"request body over {limit} bytes", "invalid_request_error")
+        if not message.get("more_body", False):
+            return bytes(raw)
+        message = await receive()
+        raw += message.get("body", b"")
 
 
 def _observe(state: ProxyState, endpoint: str, status: int, started: float) -> None:

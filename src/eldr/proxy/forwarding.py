@@ -8,32 +8,31 @@ the KV cache. Both legs carry the same `X-Request-Id`.
 Failover: a failed prefill is retried on another prefill instance; a decode that fails before its
 first byte re-runs the prefill (the old `kv_transfer_params` name blocks the failed attempt may have
 freed, so they are never replayed) and picks another decode instance; a stream that fails half-way
-ends with an SSE error event and `[DONE]`. In-flight counts are held until the last byte or the error.
+ends with an SSE error event and `[DONE]` (`relay.py`). In-flight counts are held until the last byte
+or the error. Upstream requests go through the proxy's own keep-alive client (`upstream.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
-from starlette.responses import Response, StreamingResponse
-from yarl import URL
+import orjson
 
 from eldr.errors import NoHealthyWorkerError
 from eldr.policy import RequestView
 from eldr.proxy.config import ServeConfig
-from eldr.proxy.disconnect import DisconnectWatch
 from eldr.proxy.metrics import Metrics
-from eldr.proxy.openai_errors import ProxyError, error_response
+from eldr.proxy.openai_errors import ProxyError
+from eldr.proxy.relay import UPSTREAM_ERRORS, Reply, StreamReply
 from eldr.proxy.routing import DecodeRouter, PrefillChooser
 from eldr.proxy.signatures import extract_signature, strip_payload
+from eldr.proxy.upstream import UpstreamClient, UpstreamResponse
 from eldr.proxy.workers import Pool, Worker
 
 log = logging.getLogger("eldr.proxy")
@@ -46,7 +45,6 @@ REMOTE_DECODE = {
     "remote_host": None,
     "remote_port": None,
 }
-UPSTREAM_ERRORS = (aiohttp.ClientError, OSError, TimeoutError, ValueError)
 
 
 class LegFailed(Exception):
@@ -56,9 +54,9 @@ class LegFailed(Exception):
 class UpstreamRefused(Exception):
     """The engine answered 4xx: the request itself is at fault; relay the answer, do not retry."""
 
-    def __init__(self, response: Response) -> None:
-        super().__init__(response.status_code)
-        self.response = response
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(reply.status)
+        self.reply = reply
 
 
 @dataclass(frozen=True)
@@ -74,7 +72,7 @@ class ClientRequest:
 
     def prompt_key(self) -> bytes:
         prompt = self.body.get("prompt", self.body.get("messages", ""))
-        return (prompt if isinstance(prompt, str) else json.dumps(prompt)).encode()
+        return prompt.encode() if isinstance(prompt, str) else orjson.dumps(prompt)
 
 
 class Lease:
@@ -111,31 +109,14 @@ class Forwarder:
         chooser: PrefillChooser,
         router: DecodeRouter,
         metrics: Metrics,
-        client: aiohttp.ClientSession,
+        client: UpstreamClient,
     ) -> None:
         self.config, self.prefill, self.chooser, self.router = config, prefill, chooser, router
         self.metrics, self.client = metrics, client
-        connect = config.connect_timeout_s
-        self.prefill_timeout = aiohttp.ClientTimeout(total=config.prefill_timeout_s, sock_connect=connect)
-        # per read of a stream (idle timeout) / of a JSON answer; decode_timeout_s bounds the wait for
-        # the first byte (streams) or the whole answer (JSON) on top
-        self.stream_timeout = aiohttp.ClientTimeout(
-            sock_connect=connect, sock_read=config.stream_idle_timeout_s
-        )
-        self.json_timeout = aiohttp.ClientTimeout(sock_connect=connect, sock_read=config.decode_timeout_s)
         self.policy_name = config.policy
-        self._urls: dict[tuple[str, str], URL] = {}
         self.on_routed: Callable[[], None] = _nothing  # called after each decision (refit trigger)
         band = router.band
         self.expected_shape = (band.transform.num_layers, band.transform.num_experts) if band else None
-
-    def url_of(self, worker: Worker, path: str) -> URL:
-        """The parsed upstream URL (parsed once per instance and endpoint, not per request)."""
-        key = (worker.url, path)
-        url = self._urls.get(key)
-        if url is None:
-            url = self._urls[key] = URL(worker.url + path)
-        return url
 
     def headers(self, request: ClientRequest, request_id: str) -> dict[str, str]:
         headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
@@ -145,8 +126,8 @@ class Forwarder:
             headers["Authorization"] = f"Bearer {self.config.engine_api_key}"
         return headers
 
-    async def handle(self, request: ClientRequest) -> Response:
-        """The client's answer: JSON, an SSE stream, or an OpenAI-style error."""
+    async def handle(self, request: ClientRequest) -> Reply | StreamReply:
+        """The client's answer: JSON, an SSE stream to relay, or an OpenAI-style error."""
         failed_prefill: set[int] = set()
         failed_decode: set[int] = set()
         reasons: list[str] = []
@@ -194,29 +175,30 @@ class Forwarder:
         body.pop("min_tokens", None)
         lease = Lease(worker, self.metrics)
         outcome = "error"
+        response: UpstreamResponse | None = None
+        deadline = asyncio.get_running_loop().time() + self.config.prefill_timeout_s
         try:
-            async with self.client.post(
-                self.url_of(worker, request.path),
-                data=json.dumps(body),
-                headers=headers,
-                timeout=self.prefill_timeout,
-            ) as response:
-                status = response.status
-                content = await response.read()
-                if status >= 500:
-                    raise LegFailed(f"HTTP {status}")
-                if status >= 400:
-                    outcome = "refused"
-                    raise UpstreamRefused(Response(content, status, media_type=_media_type(response)))
-            answer = json.loads(content)
+            response = await self.client.request(
+                self.client.endpoint(worker.url), "POST", request.path, headers, orjson.dumps(body), deadline
+            )
+            content = await response.read(deadline)
+            status = response.status
+            if status >= 500:
+                raise LegFailed(f"HTTP {status}")
+            if status >= 400:
+                outcome = "refused"
+                raise UpstreamRefused(Reply(status, content, response.content_type))
+            answer = orjson.loads(content)
             outcome = "ok"
             return answer
         except TimeoutError as exc:
             outcome = "timeout"
             raise LegFailed("timed out") from exc
-        except UPSTREAM_ERRORS as exc:
+        except (*UPSTREAM_ERRORS, orjson.JSONDecodeError) as exc:
             raise LegFailed(type(exc).__name__) from exc
         finally:
+            if response is not None:
+                response.close()
             lease.release(outcome)
 
     def route(
@@ -242,7 +224,7 @@ class Forwarder:
         worker = self.router.pool.workers[decision.worker]
         m.child(m.decisions, self.policy_name, worker.url).inc()
         if decision.is_fallback:
-            m.fallbacks.labels("malformed" if error else "no_signature").inc()
+            m.child(m.fallbacks, "malformed" if error else "no_signature").inc()
         if decision.band:
             m.band_size.observe(len(decision.band))
         if decision.similarities is not None:
@@ -260,33 +242,29 @@ class Forwarder:
 
     async def run_decode(
         self, worker: Worker, request: ClientRequest, body: dict[str, Any], headers: dict[str, str]
-    ) -> Response:
+    ) -> Reply | StreamReply:
         is_stream = request.is_stream
         lease = Lease(worker, self.metrics)
-        response: aiohttp.ClientResponse | None = None
+        response: UpstreamResponse | None = None
+        loop = asyncio.get_running_loop()
+        # decode_timeout_s bounds the wait for the first byte (streams) or the whole answer (JSON)
+        deadline = loop.time() + self.config.decode_timeout_s
+        reply_headers = [(b"x-request-id", headers["X-Request-Id"].encode("latin-1"))]
         try:
-            async with asyncio.timeout(self.config.decode_timeout_s):
-                response = await self.client.post(
-                    self.url_of(worker, request.path),
-                    data=json.dumps(body),
-                    headers=headers,
-                    timeout=self.stream_timeout if is_stream else self.json_timeout,
-                )
-                status = response.status
-                if status >= 500:
-                    raise LegFailed(f"HTTP {status}")
-                if status >= 400 or not is_stream:
-                    content = await response.read()
-                    lease.release("refused" if status >= 400 else "ok")
-                    return Response(
-                        content,
-                        status,
-                        media_type=_media_type(response),
-                        headers={"X-Request-Id": headers["X-Request-Id"]},
-                    )
-                first = await response.content.readany()
-                if not first:
-                    raise LegFailed("empty stream")
+            response = await self.client.request(
+                self.client.endpoint(worker.url), "POST", request.path, headers, orjson.dumps(body), deadline
+            )
+            status = response.status
+            if status >= 500:
+                raise LegFailed(f"HTTP {status}")
+            if status >= 400 or not is_stream:
+                content = await response.read(deadline)
+                lease.release("refused" if status >= 400 else "ok")
+                return Reply(status, content, response.content_type, reply_headers)
+            idle_s = self.config.stream_idle_timeout_s
+            first = await response.next_chunk(max(min(deadline - loop.time(), idle_s), 0.0))
+            if not first:
+                raise LegFailed("empty stream")
         except TimeoutError as exc:
             _close(response)
             lease.release("timeout")
@@ -303,96 +281,13 @@ class Forwarder:
             _close(response)
             lease.release("cancelled")
             raise
-        relay = RelayResponse(
-            self.relay(response, first, lease),
-            status,
-            media_type="text/event-stream",
-            headers={"X-Request-Id": headers["X-Request-Id"], "Cache-Control": "no-cache"},
-        )
-        relay.on_close.append(lambda: lease.release("cancelled"))
-        relay.upstream = response
-        return relay
-
-    async def relay(
-        self, response: aiohttp.ClientResponse, first: bytes, lease: Lease
-    ) -> AsyncIterator[bytes]:
-        """The decode stream as it arrives; an upstream failure ends it with an error event + [DONE]."""
-        outcome = "cancelled"
-        last = first
-        try:
-            yield first
-            async for chunk in response.content.iter_any():
-                last = chunk
-                yield chunk
-            outcome = "ok"
-        except UPSTREAM_ERRORS as exc:
-            outcome = "error"
-            reason = "timeout" if isinstance(exc, TimeoutError) else "upstream"
-            self.metrics.stream_errors.labels(reason).inc()
-            lease.release(outcome)
-            sep = b"" if last.endswith(b"\n\n") else b"\n\n"
-            event = {
-                "error": {
-                    "message": f"decode instance failed mid-stream ({type(exc).__name__})",
-                    "type": "upstream_error",
-                    "code": 502,
-                }
-            }
-            yield sep + b"data: " + json.dumps(event).encode() + b"\n\ndata: [DONE]\n\n"
-        finally:
-            if outcome == "cancelled":
-                self.metrics.disconnects.inc()
-            lease.release(outcome)
-            _close(response)
+        return StreamReply(status, first, response, lease.release, idle_s, reply_headers)
 
 
-class RelayResponse(StreamingResponse):
-    """A relayed SSE stream: sent as it arrives, stopped when the client leaves, cleaned up however it
-    ends (even if it never started)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.on_close: list[Callable[[], None]] = []
-        self.upstream: aiohttp.ClientResponse | None = None
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        # plain asyncio instead of Starlette's task group: one watcher task cancels this one on disconnect
-        watch = DisconnectWatch(receive)
-        try:
-            await send(
-                {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
-            )
-            async for chunk in self.body_iterator:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except asyncio.CancelledError:
-            if not watch.has_cancelled():
-                raise
-        except OSError:  # the client's connection broke while sending
-            pass
-        finally:
-            watch.stop()
-            aclose = getattr(self.body_iterator, "aclose", None)
-            if aclose is not None:
-                await aclose()  # runs the relay's own clean-up if the loop above was cut short
-            self.discard()
-
-    def discard(self) -> None:
-        """Release everything this response holds (idempotent callbacks, upstream closed)."""
-        callbacks, self.on_close = self.on_close, []
-        for callback in callbacks:
-            callback()
-        _close(self.upstream)
-
-
-def _close(response: aiohttp.ClientResponse | None) -> None:
-    """Drop an upstream response; its connection goes back to the pool only if it was read to the end."""
+def _close(response: UpstreamResponse | None) -> None:
+    """Drop an upstream answer; its connection goes back to the pool only if it was read to the end."""
     if response is not None:
         response.close()
-
-
-def _media_type(response: aiohttp.ClientResponse) -> str:
-    return response.headers.get("Content-Type", "application/json")
 
 
 def _nothing() -> None:
@@ -403,4 +298,4 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
-__all__ = ["ClientRequest", "Forwarder", "LegFailed", "UpstreamRefused", "error_response", "new_request_id"]
+__all__ = ["ClientRequest", "Forwarder", "LegFailed", "UpstreamRefused", "new_request_id"]

@@ -11,9 +11,8 @@ import json
 import logging
 import re
 
-import aiohttp
-
 from eldr.proxy.metrics import Metrics
+from eldr.proxy.upstream import UpstreamClient, UpstreamError
 from eldr.proxy.workers import Worker
 
 log = logging.getLogger("eldr.proxy")
@@ -29,27 +28,31 @@ def parse_engine_load(text: bytes) -> int | None:
     return int(sum(float(value) for _, value in found))
 
 
-async def check_worker(
-    client: aiohttp.ClientSession, worker: Worker, *, timeout_s: float, is_blended: bool
-) -> bool:
-    """One check of one instance; True when healthy. Never raises (except cancellation)."""
-    timeout = aiohttp.ClientTimeout(total=timeout_s)
+async def _get(client: UpstreamClient, worker: Worker, path: str, deadline: float) -> tuple[int, bytes]:
+    response = await client.request(client.endpoint(worker.url), "GET", path, {}, b"", deadline)
     try:
-        async with client.get(worker.url + "/health", timeout=timeout) as response:
-            await response.read()
-            if response.status != 200:
-                return False
+        return response.status, await response.read(deadline)
+    finally:
+        response.close()
+
+
+async def check_worker(client: UpstreamClient, worker: Worker, *, timeout_s: float, is_blended: bool) -> bool:
+    """One check of one instance; True when healthy. Never raises (except cancellation)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    try:
+        status, _ = await _get(client, worker, "/health", deadline)
+        if status != 200:
+            return False
         if is_blended:
-            async with client.get(worker.url + "/metrics", timeout=timeout) as scraped:
-                text = await scraped.read()
-                worker.engine_load = parse_engine_load(text) if scraped.status == 200 else None
+            status, text = await _get(client, worker, "/metrics", deadline)
+            worker.engine_load = parse_engine_load(text) if status == 200 else None
         if not worker.models:
-            async with client.get(worker.url + "/v1/models", timeout=timeout) as listed:
-                if listed.status == 200:
-                    data = json.loads(await listed.read()).get("data", [])
-                    worker.models = tuple(str(m.get("id")) for m in data if isinstance(m, dict))
+            status, listed = await _get(client, worker, "/v1/models", deadline)
+            if status == 200:
+                data = json.loads(listed).get("data", [])
+                worker.models = tuple(str(m.get("id")) for m in data if isinstance(m, dict))
         return True
-    except (aiohttp.ClientError, OSError, TimeoutError, ValueError, AttributeError):
+    except (UpstreamError, OSError, TimeoutError, ValueError, AttributeError):
         return False
 
 
@@ -69,7 +72,7 @@ def record(worker: Worker, is_ok: bool, *, eject_after: int, recover_after: int,
 
 
 async def check_all(
-    client: aiohttp.ClientSession,
+    client: UpstreamClient,
     workers: list[Worker],
     *,
     timeout_s: float,

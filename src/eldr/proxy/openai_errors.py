@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from starlette.responses import JSONResponse
+
+from eldr.proxy.relay import Reply, json_reply
 
 
 class ProxyError(Exception):
@@ -21,10 +25,19 @@ class ProxyError(Exception):
         self.status, self.message, self.kind = status, message, kind
         self.param, self.retry_after_s = param, retry_after_s
 
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status}
+        }
+
+
+def error_reply(error: ProxyError) -> Reply:
+    """The error as a hot-path reply (generate endpoints)."""
+    headers = [(b"retry-after", str(error.retry_after_s).encode())] if error.retry_after_s is not None else []
+    return json_reply(error.status, error.body(), headers)
+
 
 def error_response(error: ProxyError) -> JSONResponse:
-    body = {
-        "error": {"message": error.message, "type": error.kind, "param": error.param, "code": error.status}
-    }
+    """The error as a Starlette response (the other routes)."""
     headers = {"Retry-After": str(error.retry_after_s)} if error.retry_after_s is not None else None
-    return JSONResponse(body, error.status, headers=headers)
+    return JSONResponse(error.body(), error.status, headers=headers)

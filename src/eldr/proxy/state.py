@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import aiohttp
-
 from eldr.errors import PartitionMismatchError
 from eldr.partition import Partition
 from eldr.proxy.admission import Admission
@@ -19,6 +17,7 @@ from eldr.proxy.forwarding import Forwarder
 from eldr.proxy.health import check_all
 from eldr.proxy.metrics import Metrics
 from eldr.proxy.routing import DecodeRouter, PrefillChooser, compute_refit
+from eldr.proxy.upstream import UpstreamClient
 from eldr.proxy.workers import Pool, Worker
 
 log = logging.getLogger("eldr.proxy")
@@ -56,7 +55,7 @@ class ProxyState:
             load_factor=config.hash_load_factor,
             seed=config.seed,
         )
-        self.client: aiohttp.ClientSession | None = None
+        self.client: UpstreamClient | None = None
         self.forwarder: Forwarder | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         for w in self.all_workers():
@@ -78,13 +77,7 @@ class ProxyState:
 
     async def start(self) -> None:
         # idle connections expire before the engines' (uvicorn's 5 s) keep-alive timeout to avoid reuse races
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=2.0)
-        self.client = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=None),
-            cookie_jar=aiohttp.DummyCookieJar(),  # a proxy keeps no cookies between clients
-            trust_env=False,
-        )
+        self.client = UpstreamClient(connect_timeout_s=self.config.connect_timeout_s, keepalive_s=2.0)
         self.forwarder = Forwarder(
             self.config, self.prefill, self.chooser, self.router, self.metrics, self.client
         )
@@ -130,6 +123,8 @@ class ProxyState:
             if worker.is_draining and worker.in_flight == 0 and len(self.decode) > 1:
                 del self.decode.workers[index]
                 self.router.remove_centroid(index)
+                if self.client is not None:
+                    self.client.forget(worker.url)
                 self.metrics.healthy.remove(worker.role, worker.url)
                 log.warning("decode instance %s drained and removed", worker.url)
 

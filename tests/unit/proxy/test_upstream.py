@@ -1,0 +1,355 @@
+"""The proxy's upstream HTTP client against a scripted loopback server (every case it must survive)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import pytest
+import uvloop
+
+from eldr.errors import ConfigError
+from eldr.proxy.upstream import HIGH_WATER_BYTES, Endpoint, UpstreamClient, UpstreamError
+
+# one scripted answer: (reader, writer, request head, request body) -> None
+Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, bytes, bytes], Awaitable[None]]
+
+
+def answer(body: bytes, *, status: str = "200 OK", extra: str = "") -> bytes:
+    head = f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+    return (head + extra + "\r\n").encode() + body
+
+
+@dataclass
+class ScriptedServer:
+    """A loopback server that answers request i with scripts[i]; records connections and requests."""
+
+    scripts: list[Script]
+    requests: list[tuple[bytes, bytes]] = field(default_factory=list)
+    num_connections: int = 0
+    server: asyncio.Server | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def start(self) -> ScriptedServer:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.num_connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                body = await reader.readexactly(length)
+                self.requests.append((head, body))
+                await self.scripts[len(self.requests) - 1](reader, writer, head, body)
+                if writer.is_closing():
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+
+
+def respond(data: bytes, *, close: bool = False) -> Script:
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, head: bytes, body: bytes) -> None:
+        w.write(data)
+        await w.drain()
+        if close:
+            w.close()
+
+    return script
+
+
+def hang() -> Script:
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, head: bytes, body: bytes) -> None:
+        await asyncio.sleep(30)
+
+    return script
+
+
+def run(test: Callable[[UpstreamClient], Awaitable[None]]) -> None:
+    """Run the test on asyncio's own loop and on uvloop (what `eldr serve` runs on)."""
+
+    async def main() -> None:
+        client = UpstreamClient(connect_timeout_s=2.0, keepalive_s=2.0)
+        try:
+            await test(client)
+            assert client.num_in_use == 0
+        finally:
+            await client.close()
+
+    asyncio.run(main())
+    uvloop.run(main())
+
+
+def deadline(seconds: float) -> float:
+    return asyncio.get_running_loop().time() + seconds
+
+
+def test_answers_are_read_and_connections_reused() -> None:
+    async def test(client: UpstreamClient) -> None:
+        srv = await ScriptedServer(
+            [respond(answer(b'{"a": 1}')), respond(answer(b"{}", status="404 Not Found"))]
+        ).start()
+        ep = client.endpoint(srv.url)
+        r = await client.request(ep, "POST", "/v1/completions", {"X-Request-Id": "r1"}, b'{"q": 1}')
+        assert (r.status, r.content_type, await r.read()) == (200, b"application/json", b'{"a": 1}')
+        r = await client.request(ep, "GET", "/health", {})
+        assert (r.status, await r.read()) == (404, b"{}")
+        assert srv.num_connections == 1  # keep-alive
+        head, body = srv.requests[0]
+        assert head.startswith(b"POST /v1/completions HTTP/1.1\r\n") and body == b'{"q": 1}'
+        assert (
+            b"X-Request-Id: r1\r\n" in head
+            and b"Content-Length: 8\r\n" in head
+            and b"Host: 127.0.0.1:" in head
+        )
+        assert (
+            srv.requests[1][0].startswith(b"GET /health HTTP/1.1\r\n")
+            and b"Content-Length" not in srv.requests[1][0]
+        )
+        await srv.stop()
+
+    run(test)
+
+
+def test_chunked_answer_streams_as_it_arrives() -> None:
+    events = [b"data: 1\n\n", b"data: 2\n\n", b"data: [DONE]\n\n"]
+
+    async def stream(r: asyncio.StreamReader, w: asyncio.StreamWriter, head: bytes, body: bytes) -> None:
+        w.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        for event in events:
+            w.write(f"{len(event):x}\r\n".encode() + event + b"\r\n")
+            await w.drain()
+            await asyncio.sleep(0.05)
+        w.write(b"0\r\n\r\n")
+
+    async def test(client: UpstreamClient) -> None:
+        srv = await ScriptedServer([stream, respond(answer(b"ok"))]).start()
+        ep = client.endpoint(srv.url)
+        r = await client.request(ep, "POST", "/v1/completions", {}, b"{}")
+        assert r.content_type == b"text/event-stream"
+        got = [chunk async for chunk in r.chunks(idle_timeout_s=5)]
+        assert got == events  # one chunk per write: relayed as it came, not buffered to the end
+        r = await client.request(ep, "POST", "/v1/completions", {}, b"{}")
+        assert await r.read() == b"ok" and srv.num_connections == 1
+        await srv.stop()
+
+    run(test)
+
+
+def test_connection_close_answer_is_not_reused() -> None:
+    async def test(client: UpstreamClient) -> None:
+        srv = await ScriptedServer(
+            [respond(answer(b"1", extra="connection: close\r\n"), close=True), respond(answer(b"2"))]
+        ).start()
+        ep = client.endpoint(srv.url)
+        for expected in (b"1", b"2"):
+            r = await client.request(ep, "GET", "/x", {})
+            assert await r.read() == expected
+        assert srv.num_connections == 2
+        await srv.stop()
+
+    run(test)
+
+
+def test_idle_connection_closed_by_engine_is_replaced() -> None:
+    async def test(client: UpstreamClient) -> None:
+        srv = await ScriptedServer([respond(answer(b"1"), close=True), respond(answer(b"2"))]).start()
+        ep = client.endpoint(srv.url)
+        r = await client.request(ep, "GET", "/x", {})
+        assert await r.read() == b"1"
+        await asyncio.sleep(0.1)  # the engine's FIN arrives while the connection is idle
+        r = await client.request(ep, "GET", "/x", {})
+        assert await r.read() == b"2" and srv.num_connections == 2
+        await srv.stop()
+
+    run(test)
+
+
+def test_reused_connection_closed_as_the_request_goes_out_is_retried_once() -> None:
+    async def close_silently(
+        r: asyncio.StreamReader, w: asyncio.StreamWriter, head: bytes, body: bytes
+    ) -> None:
+        w.close()  # the keep-alive race: the engine closes instead of answering
+
+    async def test(client: UpstreamClient) -> None:
+        srv = await ScriptedServer([respond(answer(b"1")), close_silently, respond(answer(b"3"))]).start()
+        ep = client.endpoint(srv.url)
+        assert await (await client.request(ep, "POST", "/x", {}, b"a")).read() == b"1"
+        assert await (await client.request(ep, "POST", "/x", {}, b"b")).read() == b"3"
+        assert srv.num_connections == 2 and [b for _, b in srv.requests] == [b"a", b"b", b"b"]
+        await srv.stop()
+
+    run(test)
+
+
+def test_new_connection_closed_without_answer_is_an_error() -> None:
+    async def close_silently(
+        r: asyncio.StreamReader, w: asyncio.StreamWriter, head: bytes, body: bytes
+    ) -> None:
+        w.close()
+
+    async def test(client: UpstreamClient) -> None:
+        srv = await ScriptedServer([close_silently, respond(answer(b"never"))]).start()
+        with pytest.raises(UpstreamError, match="closed"):
+            await client.request(client.endpoint(srv.url), "POST", "/x", {}, b"a")
+        assert len(srv.requests) == 1  # not replayed
+        await srv.stop()
+
+    run(test)
+
+
+def test_answer_cut_half_way_is_an_error() -> None:
+    async def test(client: UpstreamClient) -> None:
+        full = answer(b"0123456789")
+        srv = await ScriptedServer([respond(full[:-4], close=True)]).start()
+        r = await client.request(client.endpoint(srv.url), "GET", "/x", {})
+        with pytest.raises(UpstreamError):
+            await r.read()
+        await srv.stop()
+
+    run(test)
+
+
+def test_timeouts_close_the_connection() -> None:
+    async def stall_after_first(
+        r: asyncio.StreamReader, w: asyncio.StreamWriter, head: bytes, body: bytes
+    ) -> None:
+        w.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n")
+        await w.drain()
+        await asyncio.sleep(30)
+
+    async def test(client: UpstreamClient) -> None:
+        srv = await ScriptedServer([hang(), stall_after_first, respond(answer(b"ok"))]).start()
+        ep = client.endpoint(srv.url)
+        with pytest.raises(TimeoutError):
+            await client.request(ep, "GET", "/x", {}, deadline=deadline(0.2))
+        r = await client.request(ep, "GET", "/x", {}, deadline=deadline(5))
+        assert await r.next_chunk(1.0) == b"abc"
+        with pytest.raises(TimeoutError):
+            await r.next_chunk(0.2)
+        r.close()
+        assert not ep.idle  # neither connection went back to the pool
+        await srv.stop()
+
+    run(test)
+
+
+def test_read_deadline_bounds_the_whole_body() -> None:
+    async def trickle(r: asyncio.StreamReader, w: asyncio.StreamWriter, head: bytes, body: bytes) -> None:
+        w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n")
+        for _ in range(100):
+            w.write(b"x")
+            await w.drain()
+            await asyncio.sleep(0.01)
+
+    async def test(client: UpstreamClient) -> None:
+        srv = await ScriptedServer([trickle]).start()
+        r = await client.request(client.endpoint(srv.url), "GET", "/x", {})
+        with pytest.raises(TimeoutError):
+            await r.read(deadline(0.3))
+        await srv.stop()
+
+    run(test)
+
+
+def test_malformed_answer_is_an_error() -> None:
+    async def test(client: UpstreamClient) -> None:
+        srv = await ScriptedServer([respond(b"SPAM/9 what\r\n\r\n")]).start()
+        with pytest.raises(UpstreamError, match="malformed"):
+            await client.request(client.endpoint(srv.url), "GET", "/x", {})
+        await srv.stop()
+
+    run(test)
+
+
+def test_header_injection_is_refused_before_sending() -> None:
+    async def test(client: UpstreamClient) -> None:
+        srv = await ScriptedServer([respond(answer(b"ok"))]).start()
+        with pytest.raises(UpstreamError, match="line break"):
+            await client.request(client.endpoint(srv.url), "GET", "/x", {"X-Request-Id": "a\r\nEvil: 1"})
+        assert srv.num_connections == 0
+        await srv.stop()
+
+    run(test)
+
+
+def test_connection_refused_is_an_error() -> None:
+    async def test(client: UpstreamClient) -> None:
+        srv = await ScriptedServer([]).start()
+        url = srv.url
+        await srv.stop()
+        await asyncio.sleep(0.05)
+        with pytest.raises(UpstreamError, match="cannot connect"):
+            await client.request(client.endpoint(url), "GET", "/x", {})
+
+    run(test)
+
+
+def test_a_slow_consumer_pauses_reading() -> None:
+    body = bytes(range(256)) * (4 * HIGH_WATER_BYTES // 256)
+
+    async def test(client: UpstreamClient) -> None:
+        srv = await ScriptedServer([respond(answer(body))]).start()
+        r = await client.request(client.endpoint(srv.url), "GET", "/x", {})
+        conn = r._conn
+        for _ in range(100):
+            if conn.is_paused:
+                break
+            await asyncio.sleep(0.01)
+        assert conn.is_paused  # nothing consumed: reading stopped above the high-water mark
+        got = bytearray()
+        while chunk := await r.next_chunk(5):
+            got += chunk
+        assert bytes(got) == body and not conn.is_paused
+        await srv.stop()
+
+    run(test)
+
+
+def test_an_answer_dropped_half_read_closes_its_connection() -> None:
+    async def test(client: UpstreamClient) -> None:
+        srv = await ScriptedServer([respond(answer(b"x" * 10, extra="")[:-5]), respond(answer(b"2"))]).start()
+        ep = client.endpoint(srv.url)
+        r = await client.request(ep, "GET", "/x", {})
+        r.close()
+        r.close()  # idempotent
+        assert not ep.idle
+        assert await (await client.request(ep, "GET", "/x", {})).read() == b"2"
+        assert srv.num_connections == 2
+        await srv.stop()
+
+    run(test)
+
+
+def test_cancelled_request_releases_its_connection() -> None:
+    async def test(client: UpstreamClient) -> None:
+        srv = await ScriptedServer([hang()]).start()
+        task = asyncio.ensure_future(client.request(client.endpoint(srv.url), "GET", "/x", {}))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await srv.stop()
+
+    run(test)
+
+
+@pytest.mark.parametrize("url", ["https://a:1", "ftp://a", "http://", "a:80"])
+def test_only_plain_http_urls(url: str) -> None:
+    with pytest.raises(ConfigError):
+        Endpoint.of(url)
