@@ -193,8 +193,8 @@ async def _rest_of_body(receive: Receive, raw: bytearray, limit: int, message: M
 
 def _observe(state: ProxyState, endpoint: str, status: int, started: float) -> None:
     m = state.metrics
-    m.child(m.requests, endpoint, str(status)).inc()
-    m.child(m.request_seconds, endpoint, str(status)).observe(time.perf_counter() - started)
+    m.requests.labels(endpoint, str(status)).inc()
+    m.request_seconds.labels(endpoint, str(status)).observe(time.perf_counter() - started)
 
 
 async def _models(request: Request) -> Response:

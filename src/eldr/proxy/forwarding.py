@@ -85,7 +85,7 @@ class Lease:
         self.is_released = False
         self.started = time.perf_counter()
         worker.in_flight += 1
-        metrics.child(metrics.in_flight, worker.role, worker.url).inc()
+        metrics.in_flight.labels(worker.role, worker.url).inc()
 
     def release(self, outcome: str) -> None:
         if self.is_released:
@@ -94,9 +94,9 @@ class Lease:
         w = self.worker
         w.in_flight -= 1
         m = self._metrics
-        m.child(m.in_flight, w.role, w.url).dec()
-        m.child(m.legs, w.role, w.url, outcome).inc()
-        m.child(m.leg_seconds, w.role, w.url, outcome).observe(time.perf_counter() - self.started)
+        m.in_flight.labels(w.role, w.url).dec()
+        m.legs.labels(w.role, w.url, outcome).inc()
+        m.leg_seconds.labels(w.role, w.url, outcome).observe(time.perf_counter() - self.started)
 
 
 class Forwarder:
@@ -215,16 +215,16 @@ class Forwarder:
             )
             counts = None
         m = self.metrics
-        m.child(m.signature_sources, extracted.source).inc()
+        m.signature_sources.labels(extracted.source).inc()
         if error is not None:
             self.note_malformed(self.prefill.workers[p_index], error)
         decision = self.router.choose(RequestView(request.request_id, counts), failed_decode)
         self.on_routed()
         m.decision_seconds.observe(time.perf_counter() - started)
         worker = self.router.pool.workers[decision.worker]
-        m.child(m.decisions, self.policy_name, worker.url).inc()
+        m.decisions.labels(self.policy_name, worker.url).inc()
         if decision.is_fallback:
-            m.child(m.fallbacks, "malformed" if error else "no_signature").inc()
+            m.fallbacks.labels("malformed" if error else "no_signature").inc()
         if decision.band:
             m.band_size.observe(len(decision.band))
         if decision.similarities is not None:
