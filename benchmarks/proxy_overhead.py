@@ -43,7 +43,7 @@ FAKES = {
     "starlette": ROOT / "tests" / "integration" / "fakes.py",
 }
 NUM_LAYERS, NUM_EXPERTS, TOP_K, NUM_DECODE_ROUTING = 48, 128, 8, 16
-PROMPT = "d " + "word " * 200  # ~200 prompt 'tokens': a 16 KiB signature payload from the fake prefill
+PROMPT = "d " + "word " * 200  # ~200 prompt words (the fakes' answers do not depend on it)
 
 
 def free_port() -> int:

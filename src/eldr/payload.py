@@ -4,10 +4,14 @@ The engine plugin writes it into `kv_transfer_params["eldr"]`; the proxy reads a
 the decode leg. Version 1 is a JSON object:
 
     {"v": 1, "layers": L, "experts": E, "top_k": k, "num_tokens": T,
-     "dtype": "<u2" | "<u4", "counts": "<base64 of the [L, E] counts, C order, little-endian>"}
+     "dtype": "<u1" | "<u2" | "<u4", "counts": "<base64 of the [L, E] counts, C order, little-endian>"}
 
-`<u2` (12 KiB raw for L = 48, E = 128, as in the paper) is used while every count fits in 16 bits,
-`<u4` otherwise. `num_tokens` lets the reader check conservation: each layer sums to T x k.
+The narrowest of `<u1`, `<u2`, `<u4` that holds the largest count is used: for L = 48, E = 128 (the
+paper's model) 6 KiB raw while no expert of a layer was chosen more than 255 times (always for
+prompts of at most 255 tokens; longer ones while their routing is spread), 12 KiB up to 65,535.
+Readers accept all three; an older eldr that knew only `<u2`/`<u4` counts a `<u1` payload as
+malformed and routes the request by load.
+`num_tokens` lets the reader check conservation: each layer sums to T x k.
 """
 
 from __future__ import annotations
@@ -24,14 +28,19 @@ from eldr.signature import check_conservation
 
 PAYLOAD_KEY = "eldr"
 PAYLOAD_VERSION = 1
-_DTYPES: dict[str, np.dtype[np.unsignedinteger]] = {"<u2": np.dtype("<u2"), "<u4": np.dtype("<u4")}
+_DTYPES: dict[str, np.dtype[np.unsignedinteger]] = {
+    "<u1": np.dtype("<u1"),
+    "<u2": np.dtype("<u2"),
+    "<u4": np.dtype("<u4"),
+}
 
 
 def encode_counts(counts: npt.NDArray[np.integer], *, num_tokens: int, top_k: int) -> dict[str, Any]:
     """`[L, E]` counts -> the version-1 payload object."""
     if counts.ndim != 2:
         raise InvalidInputError(f"counts must have shape [layers, experts], got {counts.shape}")
-    dtype = "<u2" if int(counts.max(initial=0)) <= np.iinfo(np.uint16).max else "<u4"
+    largest = int(counts.max(initial=0))
+    dtype = "<u1" if largest <= 0xFF else "<u2" if largest <= 0xFFFF else "<u4"
     raw = np.ascontiguousarray(counts, dtype=_DTYPES[dtype]).tobytes()
     return {
         "v": PAYLOAD_VERSION,

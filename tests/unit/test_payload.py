@@ -9,11 +9,19 @@ from eldr.errors import InvalidInputError
 from eldr.payload import decode_counts, encode_counts
 
 
-def test_round_trip_uses_16_bits_when_counts_fit() -> None:
+def test_round_trip_uses_8_bits_when_counts_fit() -> None:
     counts = np.array([[3, 1, 0, 0], [0, 2, 2, 0]])
     payload = encode_counts(counts, num_tokens=2, top_k=2)
-    assert payload["dtype"] == "<u2" and payload["v"] == 1
-    assert len(base64.b64decode(payload["counts"])) == 8 * 2
+    assert payload["dtype"] == "<u1" and payload["v"] == 1
+    assert len(base64.b64decode(payload["counts"])) == 8
+    np.testing.assert_array_equal(decode_counts(payload), counts)
+
+
+def test_round_trip_uses_16_bits_above_255() -> None:
+    counts = np.array([[256, 44], [150, 150]])
+    payload = encode_counts(counts, num_tokens=150, top_k=2)
+    assert payload["dtype"] == "<u2"
+    assert len(base64.b64decode(payload["counts"])) == 4 * 2
     np.testing.assert_array_equal(decode_counts(payload), counts)
 
 
