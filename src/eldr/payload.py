@@ -55,6 +55,12 @@ def encode_counts(counts: npt.NDArray[np.integer], *, num_tokens: int, top_k: in
 
 def decode_counts(payload: Any) -> npt.NDArray[np.int64]:
     """The version-1 payload object -> `[L, E]` int64 counts; `InvalidInputError` if malformed."""
+    return wire_counts(payload).astype(np.int64)
+
+
+def wire_counts(payload: Any) -> npt.NDArray[np.unsignedinteger]:
+    """`decode_counts` in the payload's own unsigned type: a read-only view of the decoded bytes (what
+    the router needs, without a copy)."""
     if not isinstance(payload, dict):
         raise InvalidInputError(f"signature payload must be an object, got {type(payload).__name__}")
     if payload.get("v") != PAYLOAD_VERSION:
@@ -63,13 +69,13 @@ def decode_counts(payload: Any) -> npt.NDArray[np.int64]:
         layers, experts = int(payload["layers"]), int(payload["experts"])
         top_k, num_tokens = int(payload["top_k"]), int(payload["num_tokens"])
         dtype = _DTYPES[payload["dtype"]]
-        raw = base64.b64decode(payload["counts"], validate=True)
+        raw = binascii.a2b_base64(payload["counts"], strict_mode=True)
     except (KeyError, TypeError, ValueError, binascii.Error) as exc:
         raise InvalidInputError(f"malformed signature payload: {exc!r}") from exc
     if layers < 1 or experts < 1 or len(raw) != layers * experts * dtype.itemsize:
         raise InvalidInputError(
             f"signature payload holds {len(raw)} bytes, expected {layers} x {experts} x {dtype.itemsize}"
         )
-    counts = np.frombuffer(raw, dtype=dtype).reshape(layers, experts).astype(np.int64)
+    counts = np.frombuffer(raw, dtype=dtype).reshape(layers, experts)
     check_conservation(counts, num_tokens, top_k)
     return counts

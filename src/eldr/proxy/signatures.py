@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from eldr.errors import InvalidInputError
-from eldr.payload import PAYLOAD_KEY, decode_counts
+from eldr.payload import PAYLOAD_KEY, wire_counts
 from eldr.signature import counts_from_topk
 
 SOURCES = ("eldr", "prompt_routed_experts", "routed_experts", "none")
@@ -31,7 +31,7 @@ SOURCES = ("eldr", "prompt_routed_experts", "routed_experts", "none")
 
 @dataclass(frozen=True)
 class Extracted:
-    counts: npt.NDArray[np.int64] | None  # [L, E]
+    counts: npt.NDArray[np.integer] | None  # [L, E]
     source: str  # one of SOURCES: where the counts came from (or "none")
     error: str | None = None  # why a present signature was unusable
 
@@ -43,7 +43,7 @@ def extract_signature(answer: Any, num_experts: int | None) -> Extracted:
     params = answer.get("kv_transfer_params")
     if isinstance(params, dict) and PAYLOAD_KEY in params:
         try:
-            return Extracted(decode_counts(params[PAYLOAD_KEY]), "eldr")
+            return Extracted(wire_counts(params[PAYLOAD_KEY]), "eldr")
         except InvalidInputError as exc:
             return Extracted(None, "eldr", str(exc))
     choices = answer.get("choices")
