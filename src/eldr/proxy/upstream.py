@@ -7,7 +7,8 @@ engines have one known shape — a small JSON POST (or a health GET), an answer 
 it streams — so here a request is one `transport.write` and the answer is parsed by httptools (the C
 parser uvicorn uses), chunked transfer encoding included.
 
-- `Endpoint.of("http://host:port")`: one engine and its idle connections;
+- `Endpoint.of("http://host:port")`: one engine and its idle connections (`https://` engines are
+  verified against the system's CAs; `SSL_CERT_FILE` adds a private one);
 - `await client.request(endpoint, method, path, headers, body, timeout_s)` -> `UpstreamResponse`
   once the status line and headers arrived; then `await response.read(timeout_s)` (the whole body) or
   `async for chunk in response.chunks(idle_timeout_s)`, and `response.close()` (idempotent).
@@ -24,6 +25,7 @@ for a slow consumer. Errors are `UpstreamError` (connection refused or lost, mal
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -49,15 +51,17 @@ class Endpoint:
     host: str
     port: int
     host_header: bytes
+    is_tls: bool = False
     idle: deque[_Connection] = field(default_factory=deque)
 
     @classmethod
     def of(cls, url: str) -> Endpoint:
         parts = urlsplit(url)
-        if parts.scheme != "http" or not parts.hostname:
-            raise ConfigError(f"upstream URL must be http://host[:port], got {url!r}")
-        port = parts.port or 80
-        return cls(parts.hostname, port, parts.netloc.encode("latin-1"))
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"upstream URL must be http(s)://host[:port], got {url!r}")
+        is_tls = parts.scheme == "https"
+        port = parts.port or (443 if is_tls else 80)
+        return cls(parts.hostname, port, parts.netloc.encode("idna"), is_tls)
 
 
 def _timeout_waiter(waiter: asyncio.Future[None]) -> None:
@@ -291,9 +295,12 @@ class _Connection(asyncio.Protocol):
 class UpstreamClient:
     """Requests to engines over pooled keep-alive connections (one client per proxy)."""
 
-    def __init__(self, *, connect_timeout_s: float, keepalive_s: float = 2.0) -> None:
+    def __init__(
+        self, *, connect_timeout_s: float, keepalive_s: float = 2.0, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.connect_timeout_s = connect_timeout_s
         self.keepalive_s = keepalive_s
+        self._tls = tls  # for https engines; made on first use: the system's CAs (and SSL_CERT_FILE)
         self._endpoints: dict[str, Endpoint] = {}
         self.num_in_use = 0  # connections carrying a request whose answer is not closed yet
 
@@ -323,12 +330,17 @@ class UpstreamClient:
         timeout_s = (
             self.connect_timeout_s if deadline is None else min(self.connect_timeout_s, deadline - now)
         )
+        tls: dict[str, Any] = {}
+        if endpoint.is_tls:
+            if self._tls is None:
+                self._tls = ssl.create_default_context()
+            tls = {"ssl": self._tls, "server_hostname": endpoint.host}
         try:
             async with asyncio.timeout(max(timeout_s, 0.0)):
                 _, conn = await loop.create_connection(
-                    lambda: _Connection(endpoint, loop, self.keepalive_s), endpoint.host, endpoint.port
+                    lambda: _Connection(endpoint, loop, self.keepalive_s), endpoint.host, endpoint.port, **tls
                 )
-        except OSError as exc:
+        except OSError as exc:  # ssl.SSLError (a certificate refused) is one too
             raise UpstreamError(f"cannot connect to {endpoint.host}:{endpoint.port}: {exc}") from exc
         return conn, False
 

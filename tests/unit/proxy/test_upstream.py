@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
+import subprocess
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import uvloop
@@ -35,8 +38,12 @@ class ScriptedServer:
         assert self.server is not None
         return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
 
-    async def start(self) -> ScriptedServer:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+    @property
+    def https_url(self) -> str:
+        return self.url.replace("http://127.0.0.1", "https://localhost")
+
+    async def start(self, tls: ssl.SSLContext | None = None) -> ScriptedServer:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=tls)
         return self
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -80,11 +87,11 @@ def hang() -> Script:
     return script
 
 
-def run(test: Callable[[UpstreamClient], Awaitable[None]]) -> None:
+def run(test: Callable[[UpstreamClient], Awaitable[None]], tls: ssl.SSLContext | None = None) -> None:
     """Run the test on asyncio's own loop and on uvloop (what `eldr serve` runs on)."""
 
     async def main() -> None:
-        client = UpstreamClient(connect_timeout_s=2.0, keepalive_s=2.0)
+        client = UpstreamClient(connect_timeout_s=2.0, keepalive_s=2.0, tls=tls)
         try:
             await test(client)
             assert client.num_in_use == 0
@@ -349,7 +356,60 @@ def test_cancelled_request_releases_its_connection() -> None:
     run(test)
 
 
-@pytest.mark.parametrize("url", ["https://a:1", "ftp://a", "http://", "a:80"])
-def test_only_plain_http_urls(url: str) -> None:
+@pytest.mark.parametrize("url", ["ftp://a", "http://", "a:80"])
+def test_only_http_urls(url: str) -> None:
     with pytest.raises(ConfigError):
         Endpoint.of(url)
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost (made with the openssl command)."""
+    where = tmp_path_factory.mktemp("tls")
+    cert, key = where / "cert.pem", where / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+def test_https_engines_are_verified(certificate: tuple[Path, Path]) -> None:
+    cert, key = certificate
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+
+    async def trusted(client: UpstreamClient) -> None:
+        srv = await ScriptedServer([respond(answer(b"1")), respond(answer(b"2"))]).start(server_tls)
+        ep = client.endpoint(srv.https_url)
+        for expected in (b"1", b"2"):
+            assert await (await client.request(ep, "GET", "/x", {})).read() == expected
+        assert srv.num_connections == 1 and b"Host: localhost:" in srv.requests[0][0]
+        await srv.stop()
+
+    async def untrusted(client: UpstreamClient) -> None:
+        srv = await ScriptedServer([respond(answer(b"1"))]).start(server_tls)
+        with pytest.raises(UpstreamError, match=r"CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
+            await client.request(client.endpoint(srv.https_url), "GET", "/x", {})
+        await srv.stop()
+
+    run(trusted, ssl.create_default_context(cafile=cert))
+    run(untrusted)  # the system's CAs do not know this certificate
