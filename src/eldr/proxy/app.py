@@ -9,6 +9,7 @@ OpenAI-style error body; broad exceptions are caught only here, at the edge, and
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import logging
 import time
@@ -63,6 +64,10 @@ def build_app(config: ServeConfig, partition: Partition | None) -> ProxyApp:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await state.start()
+        # everything alive now (numpy, scipy, the partition, the app) lives as long as the process: keep
+        # it out of the cyclic GC, whose full passes over it took ~18 ms (a p99 spike) on this VM
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:
