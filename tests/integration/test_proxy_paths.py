@@ -294,6 +294,25 @@ def test_bad_input_gets_an_openai_error(content: bytes, status: int, kind: str) 
         c.close()
 
 
+def test_chunked_request_bodies_are_reassembled_and_limited() -> None:
+    c = Cluster(max_body_bytes=4096)
+    try:
+        raw = json.dumps(body()).encode()
+        pieces = [raw[i : i + 7] for i in range(0, len(raw), 7)]  # no Content-Length: chunked encoding
+        r = httpx.post(
+            c.url + "/v1/completions", content=iter(pieces), headers={"Content-Type": "application/json"}
+        )
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == "".join(answer_words(body()))
+        big = [b'{"prompt": "', *([b"x" * 1000] * 5), b'"}']
+        r = httpx.post(
+            c.url + "/v1/completions", content=iter(big), headers={"Content-Type": "application/json"}
+        )
+        assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
+        assert sum(len(e.received) for e in c.prefill) == 1
+    finally:
+        c.close()
+
+
 def test_api_key_and_authorization_forwarding() -> None:
     c = Cluster(api_key="sekret", forward_auth="client")
     try:
