@@ -485,7 +485,7 @@ def write_results(
     has_router: bool,
 ) -> None:
     lines = [
-        "# eldr serve: proxy overhead against instant fake engines",
+        f"# eldr serve: proxy overhead against {'instant ' if args.fakes == 'instant' else ''}fake engines",
         "",
         f"Machine: {machine()} (at the end of the run). Commit {commit()}. "
         "Command: `python benchmarks/proxy_overhead.py "
