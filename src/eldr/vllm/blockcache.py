@@ -17,6 +17,7 @@ side owns one `BlockSignatureCache`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -38,6 +39,25 @@ class BlockDelta:
             raise InvalidInputError("block delta: block_ids [n], is_fresh [n], counts [n, L, E] expected")
         if self.counts.shape[0] != n:
             raise InvalidInputError(f"block delta: {n} block ids but {self.counts.shape[0]} count rows")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # pickled every engine step, worker -> scheduler: as raw bytes it takes ~1/20 of the time
+        # numpy's own reducers take for the three small arrays (~25 µs here, before the engine's load)
+        ids = np.ascontiguousarray(self.block_ids, dtype=np.int64).tobytes()
+        counts = np.ascontiguousarray(self.counts)
+        wire = (ids, self.is_fresh.tobytes(), counts.tobytes(), counts.shape, counts.dtype.str)
+        return (_delta_from_bytes, wire)
+
+
+def _delta_from_bytes(
+    ids: bytes, fresh: bytes, counts: bytes, shape: tuple[int, ...], dtype: str
+) -> BlockDelta:
+    """A pickled `BlockDelta` (read-only arrays over the received bytes)."""
+    return BlockDelta(
+        np.frombuffer(ids, dtype=np.int64),
+        np.frombuffer(fresh, dtype=np.bool_),
+        np.frombuffer(counts, dtype=np.dtype(dtype)).reshape(shape),
+    )
 
 
 def row_dtype(block_size: int) -> np.dtype[np.unsignedinteger]:
@@ -63,14 +83,17 @@ class BlockSignatureCache:
 
     def apply(self, delta: BlockDelta) -> None:
         """Reset the rows of blocks written from slot 0, then add the step's counts."""
+        if delta.block_ids.size == 0:
+            return
         if delta.counts.shape[1:] != self.rows.shape[1:]:
             shapes = f"{list(delta.counts.shape[1:])} vs the cache's {list(self.rows.shape[1:])}"
             raise InvalidInputError(f"block delta has the wrong [L, E]: {shapes}")
-        if delta.block_ids.size and (delta.block_ids.min() < 0 or delta.block_ids.max() >= len(self.rows)):
+        if int(delta.block_ids.view(np.uint64).max()) >= len(self.rows):  # a negative id reads as huge
             raise InvalidInputError(f"block delta names a block outside [0, {len(self.rows)})")
         fresh = delta.block_ids[delta.is_fresh]
-        self.rows[fresh] = 0
-        self.is_valid[fresh] = True
+        if fresh.size:
+            self.rows[fresh] = 0
+            self.is_valid[fresh] = True
         # block ids are unique within one delta, so fancy-index += is exact
         self.rows[delta.block_ids] += delta.counts.astype(self.rows.dtype, copy=False)
 

@@ -10,9 +10,10 @@ on the host after the forward:
 
 - before the forward, `TapSet.arm` fills the rows of the step's tokens with -1;
 - after it, `TapSet.fold` reads the rows back and adds each token's choices to the row of the KV block
-  its slot belongs to (the step's slot mapping: token -> block * block_size + offset). A row still
-  holding -1 means a router did not record that token in this forward (a compiled graph without the
-  callback, a kernel that routes internally, ...): the whole step is refused, never guessed.
+  its slot belongs to (the step's slot mapping: token -> block * block_size + offset; `fold.py`). A
+  row still holding -1 means a router did not record that token in this forward (a compiled graph
+  without the callback, a kernel that routes internally, ...): the whole step is refused, never
+  guessed.
 
 `RouterTap`s are created when the model is built (`eldr.vllm.plugin`, before torch.compile traces it)
 or, in eager mode, when the connector starts; `taps_for` finds them by router.
@@ -20,7 +21,6 @@ or, in eager mode, when the connector starts; `taps_for` finds them by router.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -30,7 +30,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from eldr.vllm.blockcache import BlockDelta, row_dtype
+from eldr.vllm.blockcache import BlockDelta
+from eldr.vllm.fold import fold_ids, fold_on_device
 
 UNWRITTEN = -1  # rows armed for a step; a router overwrites them with expert ids >= 0
 
@@ -94,8 +95,9 @@ def taps_for(routers: list[tuple[int, Any]]) -> list[RouterTap | None]:
 class TapSet:
     """The taps of one model's MoE layers in layer order: arm before a forward, fold after it.
 
-    On CPU the buffers are read and written through numpy views of the same memory (a few µs per
-    call, no torch dispatch); on an accelerator the rows are armed on the device and copied back once.
+    On CPU the buffers are read and written through numpy views of the same memory (no torch
+    dispatch) and folded on the host (`fold.fold_ids`, into a work array kept here); on an
+    accelerator the rows are armed and folded on the device (`fold.fold_on_device`).
     """
 
     def __init__(self, taps: list[RouterTap], num_experts: int) -> None:
@@ -105,6 +107,7 @@ class TapSet:
         self.num_armed = 0
         self.is_host = all(tap.buffer.device.type == "cpu" for tap in taps)
         self.views = [tap.buffer.numpy() for tap in taps] if self.is_host else []
+        self._work = np.empty(0, dtype=np.int64)  # host fold's bins: L x rows x k int64, at first use
 
     def arm(self, num_tokens: int) -> None:
         """Mark the rows of the next forward's `num_tokens` tokens as not yet recorded."""
@@ -116,54 +119,24 @@ class TapSet:
             for tap in self.taps:
                 tap.buffer[: self.num_armed].fill_(UNWRITTEN)
 
-    def ids(self, num_tokens: int) -> npt.NDArray[np.int32]:
-        """`[L, num_tokens, k]` recorded ids of the last forward (a copy)."""
-        if self.is_host:
-            return np.stack([view[:num_tokens] for view in self.views])
-        return torch.stack([tap.buffer[:num_tokens] for tap in self.taps]).cpu().numpy()
-
     def fold(self, slots: torch.Tensor, block_size: int) -> BlockDelta | None:
         """The last forward's ids as per-block rows; `None` if a router missed a token of the step."""
-        # every call below costs ~10x more inside a busy engine worker than in a quiet process: few calls
-        host_slots = (slots if slots.device.type == "cpu" else slots.cpu()).numpy().reshape(-1)
-        num_slots = int(host_slots.size)
-        ids = self.ids(min(num_slots, self.num_armed))
-        if num_slots <= self.num_armed and (num_slots == 0 or int(host_slots.min()) >= 0):
-            return fold_ids(ids, host_slots, block_size, self.num_experts)  # no padding: all tokens kept
-        kept = np.flatnonzero(host_slots >= 0)
-        if kept.size and int(kept[-1]) >= self.num_armed:
-            return None  # a token beyond the armed rows: its row may be stale
-        return fold_ids(ids[:, kept], host_slots[kept], block_size, self.num_experts)
-
-
-def fold_ids(
-    ids: npt.NDArray[np.integer], slots: npt.NDArray[np.int64], block_size: int, num_experts: int
-) -> BlockDelta | None:
-    """`[L, T, k]` expert ids of T tokens written to KV `slots` [T] -> per-block `[n, L, E]` counts.
-
-    `None` when an id is outside `[0, num_experts)`: -1 is a row a router never wrote.
-    """
-    num_layers = int(ids.shape[0])
-    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= num_experts):
-        return None
-    slots = slots.astype(np.int64, copy=False)
-    block_ids, token_block = np.unique(slots // block_size, return_inverse=True)
-    num_blocks = int(block_ids.size)
-    is_fresh = np.zeros(num_blocks, dtype=np.bool_)
-    is_fresh[token_block[slots % block_size == 0]] = True
-    layer = np.arange(num_layers, dtype=np.int64)[:, None, None]
-    flat = (token_block.reshape(1, -1, 1) * num_layers + layer) * num_experts + ids  # [L, T, k]
-    counts = np.bincount(flat.reshape(-1), minlength=num_blocks * num_layers * num_experts)
-    return BlockDelta(
-        block_ids=block_ids.astype(np.int64, copy=False),
-        is_fresh=is_fresh,
-        counts=counts.reshape(num_blocks, num_layers, num_experts).astype(_row_dtype(block_size)),
-    )
-
-
-@functools.cache
-def _row_dtype(block_size: int) -> np.dtype[np.unsignedinteger]:
-    return row_dtype(block_size)
+        host_slots = (slots if slots.is_cpu else slots.cpu()).numpy().reshape(-1)
+        num_tokens = int(host_slots.size)
+        kept: npt.NDArray[np.int64] | None = None  # token rows, when padding (slot -1) is left out
+        if num_tokens > self.num_armed or (num_tokens and int(host_slots.min()) < 0):
+            kept = np.flatnonzero(host_slots >= 0)
+            if kept.size and int(kept[-1]) >= self.num_armed:
+                return None  # a token beyond the armed rows: its row may be stale
+            host_slots = host_slots[kept]
+        if not self.is_host:
+            buffers = [tap.buffer for tap in self.taps]
+            return fold_on_device(buffers, host_slots, block_size, self.num_experts, token_rows=kept)
+        num_layers, top_k = len(self.views), int(self.views[0].shape[1])
+        if self._work.size < num_layers * host_slots.size * top_k:
+            self._work = np.empty(num_layers * self.num_rows * top_k, dtype=np.int64)
+        ids = [view[:num_tokens] for view in self.views] if kept is None else [v[kept] for v in self.views]
+        return fold_ids(ids, host_slots, block_size, self.num_experts, work=self._work)
 
 
 def find_moe_routers(static_forward_context: dict[str, Any]) -> list[tuple[int, Any]]:

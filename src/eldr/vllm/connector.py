@@ -46,6 +46,7 @@ from eldr.errors import ConfigError
 from eldr.vllm import timing
 from eldr.vllm.blockcache import BlockDelta
 from eldr.vllm.capture import RouterTap, TapSet, find_moe_routers, install_tap, taps_for
+from eldr.vllm.fold import empty_delta
 from eldr.vllm.ledger import SignatureLedger
 from eldr.vllm.version import check_vllm_version
 
@@ -256,6 +257,11 @@ class EldrConnector(KVConnectorBase_V1):
         if self._inner is not None and connector_metadata.inner is not None:
             self._inner.bind_connector_metadata(connector_metadata.inner)
 
+    def has_connector_metadata(self) -> bool:
+        # vLLM calls the per-layer hooks (`wait_for_layer_load`, `save_kv_layer`) around every
+        # attention layer only while this is True: with nothing wrapped they have nothing to do
+        return self._inner is not None and self._inner.has_connector_metadata()
+
     def clear_connector_metadata(self) -> None:
         super().clear_connector_metadata()
         self._step_meta = None
@@ -270,7 +276,7 @@ class EldrConnector(KVConnectorBase_V1):
         taps = self._attach_taps()
         delta: BlockDelta | None
         if meta.num_tokens == 0:
-            delta = _empty_delta(len(taps.taps), taps.num_experts)
+            delta = empty_delta(len(taps.taps), taps.num_experts, self._block_size)
         else:
             slots = self._step_slots()
             delta = taps.fold(slots, self._block_size) if slots is not None else None
@@ -460,13 +466,3 @@ if timing.IS_ENABLED:  # benchmark-only clocks (benchmarks/plugin_overhead.py); 
         return meta
 
     EldrConnector.build_connector_worker_meta = _ship_timing  # type: ignore[method-assign]
-
-
-def _empty_delta(num_layers: int, num_experts: int) -> BlockDelta:
-    import numpy as np
-
-    return BlockDelta(
-        block_ids=np.zeros(0, dtype=np.int64),
-        is_fresh=np.zeros(0, dtype=np.bool_),
-        counts=np.zeros((0, num_layers, num_experts), dtype=np.uint8),
-    )

@@ -147,13 +147,14 @@ class SignatureLedger:
         if total is None:
             return True
         decode = total - prompt
-        if _conserves(decode, num_decode, self.top_k):
+        if bool((decode >= 0).all()) and _conserves(decode, num_decode, self.top_k):
             item.params[DECODE_PAYLOAD_KEY] = encode_counts(decode, num_tokens=num_decode, top_k=self.top_k)
         return True
 
 
 def _conserves(counts: npt.NDArray[np.int64], num_tokens: int, top_k: int) -> bool:
-    is_ok = bool((counts >= 0).all()) and bool((counts.sum(axis=1) == num_tokens * top_k).all())
+    """Every layer of `counts` (sums of unsigned rows, or checked >= 0) sums to tokens x k."""
+    is_ok = all(total == num_tokens * top_k for total in counts.sum(axis=1).tolist())
     if not is_ok:
         logger.warning("eldr: counts do not sum to %d tokens x top-%d; payload left out", num_tokens, top_k)
     return is_ok

@@ -55,3 +55,18 @@ def test_delta_outside_cache_or_wrong_shape_is_rejected() -> None:
         cache.apply(_delta([5], [True], np.zeros((1, 1, 2), dtype=np.uint8)))
     with pytest.raises(InvalidInputError, match=r"\[L, E\]"):
         cache.apply(_delta([0], [True], np.zeros((1, 1, 3), dtype=np.uint8)))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_a_pickled_delta_is_the_same_delta_and_applies_alike(dtype: type) -> None:
+    import pickle
+
+    delta = _delta([3, 0, 2], [True, False, True], np.arange(3 * 2 * 4, dtype=dtype).reshape(3, 2, 4))
+    back = pickle.loads(pickle.dumps(delta, protocol=pickle.HIGHEST_PROTOCOL))
+    assert back.block_ids.tolist() == [3, 0, 2] and back.is_fresh.tolist() == [True, False, True]
+    assert back.counts.dtype == dtype and back.counts.tolist() == delta.counts.tolist()
+    sent, received = (BlockSignatureCache(4, 2, 4, 300) for _ in range(2))
+    sent.apply(delta)
+    received.apply(back)
+    np.testing.assert_array_equal(sent.rows, received.rows)
+    np.testing.assert_array_equal(sent.is_valid, received.is_valid)

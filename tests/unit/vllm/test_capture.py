@@ -8,17 +8,24 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-from eldr.vllm.capture import UNWRITTEN, RouterTap, TapSet, chain_capture, fold_ids, record_topk  # noqa: E402
+from eldr.vllm.capture import UNWRITTEN, RouterTap, TapSet, chain_capture, record_topk  # noqa: E402
+
+PATHS = pytest.mark.parametrize("path", ["host", "device"])
 
 
-def _tapset(num_layers: int, top_k: int, num_experts: int, rows: int = 16) -> TapSet:
+def _tapset(num_layers: int, top_k: int, num_experts: int, path: str = "host", rows: int = 16) -> TapSet:
+    """`path="device"`: CPU tensors through the accelerator code (arm with `fill_`, fold in torch)."""
     buffers = [torch.full((rows, top_k), UNWRITTEN, dtype=torch.int32) for _ in range(num_layers)]
-    return TapSet([RouterTap(i, None, buf, lambda ids: None) for i, buf in enumerate(buffers)], num_experts)
+    taps = TapSet([RouterTap(i, None, buf, lambda ids: None) for i, buf in enumerate(buffers)], num_experts)
+    if path == "device":
+        taps.is_host, taps.views = False, []
+    return taps
 
 
-def test_tokens_fold_into_their_blocks_and_slot_zero_marks_fresh() -> None:
+@PATHS
+def test_tokens_fold_into_their_blocks_and_slot_zero_marks_fresh(path: str) -> None:
     # block size 4: slots 8, 9 -> block 2 (slot 8 is its first slot), slot 13 -> block 3 (not first)
-    taps = _tapset(num_layers=2, top_k=2, num_experts=3)
+    taps = _tapset(num_layers=2, top_k=2, num_experts=3, path=path)
     taps.arm(3)
     record_topk(taps.taps[0].buffer, torch.tensor([[0, 1], [0, 2], [1, 2]]))
     record_topk(taps.taps[1].buffer, torch.tensor([[2, 1], [2, 0], [0, 1]]))
@@ -29,17 +36,19 @@ def test_tokens_fold_into_their_blocks_and_slot_zero_marks_fresh() -> None:
     assert delta.counts.dtype == np.uint8
 
 
-def test_padded_tokens_are_ignored() -> None:
-    taps = _tapset(num_layers=1, top_k=1, num_experts=2)
+@PATHS
+def test_padded_tokens_are_ignored(path: str) -> None:
+    taps = _tapset(num_layers=1, top_k=1, num_experts=2, path=path)
     taps.arm(3)
     record_topk(taps.taps[0].buffer, torch.tensor([[0], [1], [1], [0]]))  # the 4th row is padding
     delta = taps.fold(torch.tensor([0, 1, 2, -1]), block_size=4)
     assert delta is not None and delta.counts.tolist() == [[[1, 2]]]
 
 
+@PATHS
 @pytest.mark.parametrize("short_layer", [0, 1])
-def test_a_router_that_missed_a_token_refuses_the_step(short_layer: int) -> None:
-    taps = _tapset(num_layers=2, top_k=1, num_experts=2)
+def test_a_router_that_missed_a_token_refuses_the_step(short_layer: int, path: str) -> None:
+    taps = _tapset(num_layers=2, top_k=1, num_experts=2, path=path)
     for layer in range(2):  # an earlier forward filled every row
         record_topk(taps.taps[layer].buffer, torch.zeros((8, 1), dtype=torch.int64))
     taps.arm(3)
@@ -48,40 +57,20 @@ def test_a_router_that_missed_a_token_refuses_the_step(short_layer: int) -> None
     assert taps.fold(torch.tensor([0, 1, 2]), block_size=4) is None
 
 
-def test_a_forward_whose_routers_never_ran_is_refused_not_counted_from_stale_rows() -> None:
-    taps = _tapset(num_layers=1, top_k=1, num_experts=2)
+@PATHS
+def test_a_forward_whose_routers_never_ran_is_refused_not_counted_from_stale_rows(path: str) -> None:
+    taps = _tapset(num_layers=1, top_k=1, num_experts=2, path=path)
     record_topk(taps.taps[0].buffer, torch.ones((4, 1), dtype=torch.int64))  # the previous step
     taps.arm(2)
     assert taps.fold(torch.tensor([4, 5]), block_size=4) is None
 
 
-def test_a_token_beyond_the_armed_rows_is_refused() -> None:
-    taps = _tapset(num_layers=1, top_k=1, num_experts=2)
+@PATHS
+def test_a_token_beyond_the_armed_rows_is_refused(path: str) -> None:
+    taps = _tapset(num_layers=1, top_k=1, num_experts=2, path=path)
     taps.arm(2)
     record_topk(taps.taps[0].buffer, torch.zeros((3, 1), dtype=torch.int64))
     assert taps.fold(torch.tensor([0, 1, 2]), block_size=4) is None
-
-
-def test_fold_matches_a_per_token_loop() -> None:
-    rng = np.random.default_rng(0)
-    num_layers, num_tokens, top_k, num_experts, block = 3, 50, 4, 16, 8
-    ids = np.stack(
-        [[rng.permutation(num_experts)[:top_k] for _ in range(num_tokens)] for _ in range(num_layers)]
-    )
-    slots = rng.permutation(200)[:num_tokens]
-    delta = fold_ids(ids, slots.astype(np.int64), block, num_experts)
-    assert delta is not None
-    expected: dict[int, np.ndarray] = {}
-    for t, slot in enumerate(slots):
-        row = expected.setdefault(int(slot) // block, np.zeros((num_layers, num_experts), dtype=np.int64))
-        for layer in range(num_layers):
-            row[layer, ids[layer, t]] += 1
-    assert sorted(expected) == delta.block_ids.tolist()
-    for i, block_id in enumerate(delta.block_ids):
-        np.testing.assert_array_equal(delta.counts[i], expected[int(block_id)])
-    assert delta.is_fresh.tolist() == [
-        bool((slots // block == b).any() & (slots == b * block).any()) for b in delta.block_ids
-    ]
 
 
 class _Router:
