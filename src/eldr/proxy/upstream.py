@@ -164,14 +164,16 @@ class UpstreamResponse:
     async def read(self, deadline: float | None = None) -> bytes:
         """The whole body; `TimeoutError` if it is not in by `deadline` (event-loop time). Closes the
         answer, whatever happens."""
+        body: list[bytes] = []
         try:
-            while not self._is_done:
+            while True:
+                if self._parts:  # taken as it comes: reading resumes if it paused above the high water
+                    body.append(self._take())
                 if self._error is not None:
                     raise self._error
+                if self._is_done:
+                    return body[0] if len(body) == 1 else b"".join(body)
                 await self._wait(deadline)
-            if self._error is not None:
-                raise self._error
-            return self._take() if self._parts else b""
         finally:
             self.close()
 

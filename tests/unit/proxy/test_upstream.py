@@ -328,6 +328,21 @@ def test_a_slow_consumer_pauses_reading() -> None:
     run(test)
 
 
+def test_a_large_answer_is_read_whole() -> None:
+    body = bytes(range(256)) * (16 * HIGH_WATER_BYTES // 256)  # e.g. prompt_routed_experts of a long prompt
+
+    async def test(client: UpstreamClient) -> None:
+        srv = await ScriptedServer([respond(answer(body)), respond(answer(b"next"))]).start()
+        ep = client.endpoint(srv.url)
+        r = await client.request(ep, "POST", "/x", {}, b"{}")
+        assert await r.read(deadline(10)) == body  # reading pauses and resumes on the way
+        assert await (await client.request(ep, "GET", "/x", {})).read() == b"next"
+        assert srv.num_connections == 1
+        await srv.stop()
+
+    run(test)
+
+
 def test_an_answer_dropped_half_read_closes_its_connection() -> None:
     async def test(client: UpstreamClient) -> None:
         srv = await ScriptedServer([respond(answer(b"x" * 10, extra="")[:-5]), respond(answer(b"2"))]).start()
