@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import time
 from contextlib import ExitStack
 from typing import Any
 
@@ -84,3 +86,23 @@ class Cluster:
 
     def close(self) -> None:
         self.stack.close()
+
+
+def body(prompt: str = "d some prompt", **extra: Any) -> dict[str, Any]:
+    """A completion request; its first word picks the decode its signature belongs to."""
+    return {"model": "fake-moe", "prompt": prompt, "max_tokens": 6, **extra}
+
+
+def sse_texts(text: str) -> tuple[list[Any], bool]:
+    """Parsed SSE data events and whether the stream ended with [DONE]."""
+    events = [line[len("data: ") :] for line in text.split("\n") if line.startswith("data: ")]
+    is_done = bool(events) and events[-1] == "[DONE]"
+    return [json.loads(e) for e in events if e != "[DONE]"], is_done
+
+
+def wait_for(condition: Any, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.02)

@@ -11,32 +11,13 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from cluster_rig import WORD_OF_DECODE, Cluster, fake_partition
+from cluster_rig import WORD_OF_DECODE, Cluster, body, fake_partition, sse_texts, wait_for
 from fakes import FakeEngine, answer_words
 
 from eldr.errors import PartitionMismatchError
 from eldr.proxy.app import build_app
 from eldr.proxy.config import ServeConfig
 from eldr.proxy.health import parse_engine_load
-
-
-def body(prompt: str = "d some prompt", **extra: Any) -> dict[str, Any]:
-    return {"model": "fake-moe", "prompt": prompt, "max_tokens": 6, **extra}
-
-
-def sse_texts(text: str) -> tuple[list[Any], bool]:
-    """Parsed SSE data events and whether the stream ended with [DONE]."""
-    events = [line[len("data: ") :] for line in text.split("\n") if line.startswith("data: ")]
-    is_done = bool(events) and events[-1] == "[DONE]"
-    return [json.loads(e) for e in events if e != "[DONE]"], is_done
-
-
-def wait_for(condition: Any, timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.02)
 
 
 def test_non_streaming_follows_the_protocol(cluster: Cluster) -> None:

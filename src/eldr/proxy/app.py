@@ -101,28 +101,40 @@ async def _generate(state: ProxyState, scope: Scope, receive: Receive, send: Sen
     reply: Reply | StreamReply
     try:
         client_request = await _parse(scope, receive, state)
-        await state.admission.acquire()
     except ProxyError as exc:
         reply = error_reply(exc)
-    except Rejected as exc:
-        state.metrics.rejections.labels(exc.reason).inc()
-        message = "too many requests queued" if exc.status == 429 else "timed out waiting for a free slot"
-        reply = error_reply(ProxyError(exc.status, message, "rate_limit_exceeded", retry_after_s=1))
     except ClientDisconnect:
         state.metrics.disconnects.inc()
         return
     else:
-        # one watcher for the whole request: a client gone during the legs or the relay cancels this task
+        # one watcher for the whole request: a client gone while queued, during the legs or the relay
+        # cancels this task
         watch = DisconnectWatch(receive)
         try:
-            reply = await _admitted(watch, state, client_request)
-            if isinstance(reply, StreamReply):  # the slot and the timing end with the stream
-                await reply.send(send, watch, state.metrics)
-                _observe(state, endpoint, reply.status, started)
-                return
+            try:
+                await state.admission.acquire()
+            except Rejected as exc:
+                state.metrics.rejections.labels(exc.reason).inc()
+                message = (
+                    "too many requests queued" if exc.status == 429 else "timed out waiting for a free slot"
+                )
+                reply = error_reply(ProxyError(exc.status, message, "rate_limit_exceeded", retry_after_s=1))
+            except asyncio.CancelledError:
+                if watch.has_cancelled():
+                    state.metrics.disconnects.inc()
+                    return
+                raise
+            else:
+                try:
+                    reply = await _admitted(watch, state, client_request)
+                    if isinstance(reply, StreamReply):  # the slot and the timing end with the stream
+                        await reply.send(send, watch, state.metrics)
+                        _observe(state, endpoint, reply.status, started)
+                        return
+                finally:
+                    state.admission.release()
         finally:
             watch.stop()
-            state.admission.release()
     _observe(state, endpoint, reply.status, started)
     await reply.send(send)
 
@@ -174,6 +186,10 @@ async def _parse(scope: Scope, receive: Receive, state: ProxyState) -> ClientReq
         raise ProxyError(400, f"request body is not valid JSON: {exc}", "invalid_request_error") from None
     if not isinstance(body, dict):
         raise ProxyError(400, "request body must be a JSON object", "invalid_request_error")
+    try:
+        orjson.dumps(body)  # it is written again for each leg: orjson reads deeper nesting than it writes
+    except orjson.JSONEncodeError as exc:
+        raise ProxyError(400, f"request body cannot be forwarded: {exc}", "invalid_request_error") from None
     model = body.get("model")
     known = state.known_models()
     if model is not None and known and model not in known:

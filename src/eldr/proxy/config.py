@@ -136,8 +136,14 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
 def check_url(url: str) -> str:
     """An engine base URL: http(s)://host:port, no path beyond '/'."""
     parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018 - raises ValueError outside 0-65535
+    except ValueError:
+        raise ConfigError(f"engine URL has an invalid port: {url!r}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
         raise ConfigError(f"engine URL must look like http://host:port, got {url!r}")
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError(f"engine URL must not hold credentials (use forward_auth: engine-key), got {url!r}")
     return url.rstrip("/")
 
 

@@ -1,42 +1,83 @@
-"""Stop work for a client that has gone: cancel the request's task when its connection closes.
+"""Stop work for a client that has gone: cancel the request's task when it leaves or stops reading.
 
 The ASGI server reports a closed client connection as an `http.disconnect` message from `receive`
 (once the request body has been read, the next message is that, or nothing until the response is done).
 One watcher task per request waits for it and cancels the request's own task, which cancels whatever
-it awaits — an upstream request, a stream relay — and so closes those connections too.
+it awaits — an upstream request, a stream relay — and so closes those connections too. A client that
+keeps its connection but stops reading blocks the relay's writes instead: `StalledWrites` cancels the
+task when one write has waited too long.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 
 from starlette.types import Receive
 
 
-class DisconnectWatch:
-    """Cancels the current task when the client disconnects (one watcher task per request)."""
+class _TaskCancel:
+    """Cancels the current task, and recognises that cancellation when the task handles it."""
 
-    def __init__(self, receive: Receive) -> None:
+    def __init__(self) -> None:
         self._task = asyncio.current_task()
-        self._is_stopped = False
         self._did_cancel = False
-        self._watcher = asyncio.ensure_future(self._watch(receive))
 
-    async def _watch(self, receive: Receive) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        if not self._is_stopped and self._task is not None:
+    def _cancel_task(self) -> None:
+        if self._task is not None:
             self._did_cancel = True
             self._task.cancel()
 
     def has_cancelled(self) -> bool:
-        """True (once) when the cancellation being handled is this watch's: it is then withdrawn."""
+        """True (once) when the cancellation being handled is this watcher's: it is then withdrawn."""
         if not self._did_cancel or self._task is None:
             return False
         self._did_cancel = False
         self._task.uncancel()
         return True
 
+
+class DisconnectWatch(_TaskCancel):
+    """Cancels the current task when the client disconnects (one watcher task per request)."""
+
+    def __init__(self, receive: Receive) -> None:
+        super().__init__()
+        self._is_stopped = False
+        self._watcher = asyncio.ensure_future(self._watch(receive))
+
+    async def _watch(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        if not self._is_stopped:
+            self._cancel_task()
+
     def stop(self) -> None:
         self._is_stopped = True
         self._watcher.cancel()
+
+
+class StalledWrites(_TaskCancel):
+    """Cancels the current task when one guarded write has waited `limit_s` (a client that stopped
+    reading); checked by one timer every `limit_s`, not per write."""
+
+    def __init__(self, limit_s: float) -> None:
+        super().__init__()
+        self._loop = asyncio.get_running_loop()
+        self._limit_s = limit_s
+        self._since: float | None = None  # when the write now waiting started
+        self._handle = self._loop.call_later(limit_s, self._check)
+
+    async def guard(self, write: Awaitable[None]) -> None:
+        self._since = self._loop.time()
+        await write
+        self._since = None
+
+    def _check(self) -> None:
+        since = self._since
+        if since is not None and self._loop.time() - since >= self._limit_s:
+            self._cancel_task()
+        else:
+            self._handle = self._loop.call_later(self._limit_s, self._check)
+
+    def stop(self) -> None:
+        self._handle.cancel()

@@ -196,6 +196,9 @@ class Forwarder:
             raise LegFailed("timed out") from exc
         except (*UPSTREAM_ERRORS, orjson.JSONDecodeError) as exc:
             raise LegFailed(type(exc).__name__) from exc
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
         finally:
             if response is not None:
                 response.close()
@@ -252,7 +255,13 @@ class Forwarder:
         reply_headers = [(b"x-request-id", headers["X-Request-Id"].encode("latin-1"))]
         try:
             response = await self.client.request(
-                self.client.endpoint(worker.url), "POST", request.path, headers, orjson.dumps(body), deadline
+                self.client.endpoint(worker.url),
+                "POST",
+                request.path,
+                headers,
+                orjson.dumps(body),
+                deadline,
+                is_replayable=False,  # a decode that failed is re-run from a new prefill, never replayed
             )
             status = response.status
             if status >= 500:

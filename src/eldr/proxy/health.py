@@ -49,8 +49,9 @@ async def check_worker(client: UpstreamClient, worker: Worker, *, timeout_s: flo
         if not worker.models:
             status, listed = await _get(client, worker, "/v1/models", deadline)
             if status == 200:
-                data = json.loads(listed).get("data", [])
-                worker.models = tuple(str(m.get("id")) for m in data if isinstance(m, dict))
+                data = json.loads(listed).get("data")
+                listed_models = data if isinstance(data, list) else []
+                worker.models = tuple(str(m.get("id")) for m in listed_models if isinstance(m, dict))
         return True
     except (UpstreamError, OSError, TimeoutError, ValueError, AttributeError):
         return False

@@ -1,8 +1,9 @@
 """What the proxy sends back to a client: a whole answer, or a decode stream relayed as it arrives.
 
 Both are written straight to the ASGI server (no response objects on the hot path). A relayed stream
-holds the decode leg's lease until its last byte; an upstream failure half-way ends it with an SSE
-error event and `[DONE]`, a client gone half-way stops it (and closes the upstream connection), and
+holds the decode leg's lease until its last byte and passes on whole SSE events only; an upstream
+failure half-way ends it with an SSE error event and `[DONE]`, a client gone half-way (or one that
+stopped reading for `stream_idle_timeout_s`) stops it and closes the upstream connection, and
 whatever way it ends the lease is released exactly once.
 """
 
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 import orjson
 from starlette.types import Send
 
-from eldr.proxy.disconnect import DisconnectWatch
+from eldr.proxy.disconnect import DisconnectWatch, StalledWrites
 from eldr.proxy.metrics import Metrics
 from eldr.proxy.upstream import UpstreamError, UpstreamResponse
 
@@ -63,38 +64,84 @@ class StreamReply:
         self.release("cancelled")
 
     async def send(self, send: Send, watch: DisconnectWatch, metrics: Metrics) -> None:
-        """Relay the stream to the client; never raises for the client's or the engine's failures."""
+        """Relay the stream to the client; never raises for the client's or the engine's failures.
+
+        Only whole SSE events go out (an event cut by an engine failure never reaches the client
+        half-way); a client that takes more than `idle_timeout_s` to accept one write is dropped."""
         outcome = "cancelled"
-        last = self.first
+        idle_s = self.idle_timeout_s
+        stalled = StalledWrites(idle_s)
+        cutter = _EventCutter()
         try:
             start = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), *self.headers]
-            await send({"type": "http.response.start", "status": self.status, "headers": start})
-            await send({"type": "http.response.body", "body": self.first, "more_body": True})
+            await stalled.guard(
+                send({"type": "http.response.start", "status": self.status, "headers": start})
+            )
+            chunk = self.first
             try:
-                while chunk := await self.upstream.next_chunk(self.idle_timeout_s):
-                    last = chunk
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                while chunk:
+                    whole = cutter.whole_events(chunk)
+                    if whole:
+                        await stalled.guard(
+                            send({"type": "http.response.body", "body": whole, "more_body": True})
+                        )
+                    chunk = await self.upstream.next_chunk(idle_s)
                 outcome = "ok"
+                if cutter.tail:  # the engine ended without a blank line: pass the rest on as it is
+                    await stalled.guard(
+                        send({"type": "http.response.body", "body": cutter.tail, "more_body": True})
+                    )
             except UPSTREAM_ERRORS as exc:
-                outcome = "error"
-                metrics.stream_errors.labels("timeout" if isinstance(exc, TimeoutError) else "upstream").inc()
-                self.upstream.close()
-                self.release(outcome)
-                await send({"type": "http.response.body", "body": _error_event(exc, last), "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+                if cutter.is_done:  # [DONE] went out: the answer is complete, only its framing broke
+                    outcome = "ok"
+                else:
+                    outcome = "error"
+                    metrics.stream_errors.labels(
+                        "timeout" if isinstance(exc, TimeoutError) else "upstream"
+                    ).inc()
+                    self.upstream.close()
+                    self.release(outcome)
+                    event = _error_event(exc)
+                    await stalled.guard(
+                        send({"type": "http.response.body", "body": event, "more_body": True})
+                    )
+            await stalled.guard(send({"type": "http.response.body", "body": b"", "more_body": False}))
         except asyncio.CancelledError:
-            if not watch.has_cancelled():
+            if not (watch.has_cancelled() or stalled.has_cancelled()):
                 raise
         except OSError:  # the client's connection broke while sending
             pass
         finally:
+            stalled.stop()
             if outcome == "cancelled":
                 metrics.disconnects.inc()
             self.upstream.close()
             self.release(outcome)
 
 
-def _error_event(exc: BaseException, last: bytes) -> bytes:
+class _EventCutter:
+    """Splits a relayed SSE stream at its last event boundary (a blank line), keeping the rest."""
+
+    __slots__ = ("is_done", "tail")
+
+    def __init__(self) -> None:
+        self.tail = b""  # the start of an event whose end has not arrived
+        self.is_done = False  # the last whole event sent was `data: [DONE]`
+
+    def whole_events(self, chunk: bytes) -> bytes:
+        data = self.tail + chunk if self.tail else chunk
+        lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n")
+        end = max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+        if not end:  # no boundary yet
+            self.tail = data
+            return b""
+        self.tail = data[end:]
+        whole = data[:end] if self.tail else data
+        self.is_done = whole[-20:].rstrip().endswith(b"data: [DONE]")
+        return whole
+
+
+def _error_event(exc: BaseException) -> bytes:
     event = {
         "error": {
             "message": f"decode instance failed mid-stream ({type(exc).__name__})",
@@ -102,5 +149,4 @@ def _error_event(exc: BaseException, last: bytes) -> bytes:
             "code": 502,
         }
     }
-    sep = b"" if last.endswith(b"\n\n") else b"\n\n"
-    return sep + b"data: " + orjson.dumps(event) + b"\n\ndata: [DONE]\n\n"
+    return b"data: " + orjson.dumps(event) + b"\n\ndata: [DONE]\n\n"

@@ -57,11 +57,19 @@ class Endpoint:
     @classmethod
     def of(cls, url: str) -> Endpoint:
         parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        try:
+            port_given = parts.port
+        except ValueError:
+            port_given = -1
+        if parts.scheme not in ("http", "https") or not parts.hostname or port_given == -1:
             raise ConfigError(f"upstream URL must be http(s)://host[:port], got {url!r}")
+        if parts.username is not None or parts.password is not None:
+            raise ConfigError(f"upstream URL must not hold credentials (see forward_auth), got {url!r}")
         is_tls = parts.scheme == "https"
-        port = parts.port or (443 if is_tls else 80)
-        return cls(parts.hostname, port, parts.netloc.encode("idna"), is_tls)
+        host = parts.hostname
+        name = f"[{host}]" if ":" in host else host
+        host_header = name if port_given is None else f"{name}:{port_given}"
+        return cls(host, port_given or (443 if is_tls else 80), host_header.encode("idna"), is_tls)
 
 
 def _timeout_waiter(waiter: asyncio.Future[None]) -> None:
@@ -199,6 +207,7 @@ class _Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self.on_release: Callable[[], None] | None = None
         self.num_received = 0  # bytes received since the current request was sent
+        self.is_interim = False  # parsing a 1xx answer
 
     # ---- asyncio.Protocol
 
@@ -207,7 +216,8 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.num_received += len(data)
-        if self.response is None:  # nothing asked: an engine must not talk first
+        response = self.response
+        if response is None or response._is_done:  # talking out of turn: never trust this connection
             self.close()
             return
         try:
@@ -217,8 +227,12 @@ class _Connection(asyncio.Protocol):
             self.close()
 
     def eof_received(self) -> bool:
-        # engines delimit answers by length or chunked encoding: an answer cut by EOF is incomplete
         self.is_open = False
+        response = self.response
+        if response is not None and response.status and not response._is_done:
+            headers = response.headers
+            if b"content-length" not in headers and b"transfer-encoding" not in headers:
+                response._finish()  # an answer delimited by the connection's end (RFC 9112 §6.3)
         self._fail(UpstreamError("connection closed by the engine"))
         return False
 
@@ -228,13 +242,24 @@ class _Connection(asyncio.Protocol):
 
     # ---- httptools callbacks
 
+    def on_message_begin(self) -> None:
+        assert self.response is not None
+        if self.response._is_done:  # a second answer to one request
+            raise UpstreamError("the engine sent more than one answer")
+
     def on_header(self, name: bytes, value: bytes) -> None:
         assert self.response is not None
-        self.response.headers[name.lower()] = value
+        if not self.response.status:  # trailers (after a chunked body) do not replace headers
+            self.response.headers[name.lower()] = value
 
     def on_headers_complete(self) -> None:
         assert self.response is not None
-        self.response.status = self.parser.get_status_code()
+        status = self.parser.get_status_code()
+        if 100 <= status < 200:  # an interim answer (100 Continue, 103 Early Hints): the real one follows
+            self.is_interim = True
+            self.response.headers.clear()
+            return
+        self.response.status = status
         waiter = self.headers_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -245,6 +270,9 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         assert self.response is not None
+        if self.is_interim:
+            self.is_interim = False
+            return
         if not self.parser.should_keep_alive():
             self.is_open = False
         self.response._finish()
@@ -319,12 +347,14 @@ class UpstreamClient:
         while endpoint is not None and endpoint.idle:
             endpoint.idle.pop().close()
 
-    async def _connection(self, endpoint: Endpoint, deadline: float | None) -> tuple[_Connection, bool]:
-        """An idle connection (True) or a new one (False)."""
+    async def _connection(
+        self, endpoint: Endpoint, deadline: float | None, *, is_new: bool = False
+    ) -> tuple[_Connection, bool]:
+        """An idle connection (True) or a new one (False); `is_new`: always a new one."""
         loop = asyncio.get_running_loop()
         now = loop.time()
         idle = endpoint.idle
-        while idle:
+        while idle and not is_new:
             conn = idle.pop()  # the most recently used: the least likely to be expiring
             if conn.is_reusable(now):
                 return conn, True
@@ -354,21 +384,24 @@ class UpstreamClient:
         headers: dict[str, str],
         body: bytes = b"",
         deadline: float | None = None,
+        *,
+        is_replayable: bool = True,
     ) -> UpstreamResponse:
         """Send a request; returns when the answer's headers are in, `TimeoutError` if they are not
         by `deadline` (event-loop time).
 
         A reused connection that the engine closes before sending a single byte back (it was closing
-        the idle connection as the request went out) is replaced by a new one, once.
+        the idle connection as the request went out) is replaced by a new connection, once, for a
+        request that may run twice (`is_replayable`): the engine may have taken it before closing.
         """
         head = _request_head(method, path, endpoint.host_header, headers, len(body))
         conn, is_reused = await self._connection(endpoint, deadline)
         try:
             return await self._send(conn, head, body, deadline)
         except UpstreamError:
-            if not is_reused or conn.num_received:
+            if not (is_replayable and is_reused) or conn.num_received:
                 raise
-        conn, _ = await self._connection(endpoint, deadline)
+        conn, _ = await self._connection(endpoint, deadline, is_new=True)
         return await self._send(conn, head, body, deadline)
 
     async def _send(

@@ -371,6 +371,202 @@ def test_cancelled_request_releases_its_connection() -> None:
     run(test)
 
 
+def in_two_writes(first: bytes, second: bytes, delay_s: float = 0.2) -> Script:
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, head: bytes, body: bytes) -> None:
+        w.write(first)
+        await w.drain()
+        await asyncio.sleep(delay_s)
+        w.write(second)
+        await w.drain()
+
+    return script
+
+
+async def close_silently(r: asyncio.StreamReader, w: asyncio.StreamWriter, head: bytes, body: bytes) -> None:
+    w.close()
+
+
+def test_interim_1xx_answers_are_skipped() -> None:
+    """A 100 Continue / 103 Early Hints is not the answer: the one after it is."""
+
+    async def test(client: UpstreamClient) -> None:
+        srv = await ScriptedServer(
+            [in_two_writes(b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n", answer(b'{"a": 1}'))]
+        ).start()
+        r = await client.request(client.endpoint(srv.url), "POST", "/x", {}, b"{}", deadline(2))
+        assert r.status == 200
+        assert await r.read(deadline(2)) == b'{"a": 1}'
+        await srv.stop()
+
+    run(test)
+
+
+def test_the_answer_after_a_1xx_belongs_to_its_own_request() -> None:
+    """The real answer after a 1xx is read by its own request, never by the next one on the connection."""
+
+    async def test(client: UpstreamClient) -> None:
+        srv = await ScriptedServer(
+            [
+                in_two_writes(b"HTTP/1.1 100 Continue\r\n\r\n", answer(b"answer-of-A")),
+                respond(answer(b"answer-of-B")),
+            ]
+        ).start()
+        ep = client.endpoint(srv.url)
+        a = await client.request(ep, "POST", "/x", {}, b"A", deadline(2))
+        body_a = await a.read(deadline(2))
+        b = await client.request(ep, "POST", "/x", {}, b"B", deadline(2))
+        body_b = await b.read(deadline(2))
+        assert body_b != b"answer-of-A"
+        assert (body_a, body_b) == (b"answer-of-A", b"answer-of-B")
+        await srv.stop()
+
+    run(test)
+
+
+def test_bytes_after_a_complete_answer_close_the_connection() -> None:
+    """Bytes after a complete answer (a stray second answer) neither change it nor let the
+    connection be reused."""
+
+    async def test(client: UpstreamClient) -> None:
+        srv = await ScriptedServer(
+            [respond(answer(b"1") + answer(b"2", status="500 Oops")), respond(answer(b"3"))]
+        ).start()
+        ep = client.endpoint(srv.url)
+        r = await client.request(ep, "GET", "/x", {}, b"", deadline(2))
+        status, body = r.status, await r.read(deadline(2))
+        assert (status, body) == (200, b"1")
+        assert not ep.idle  # a connection that talked out of turn is not reused
+        await srv.stop()
+
+    run(test)
+
+
+def test_trailers_do_not_replace_the_answer_headers() -> None:
+    """Trailer fields of a chunked answer do not overwrite its headers (content-type is relayed)."""
+
+    chunked = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+        b"2\r\n{}\r\n0\r\ncontent-type: text/html\r\n\r\n"
+    )
+
+    async def test(client: UpstreamClient) -> None:
+        srv = await ScriptedServer([respond(chunked), respond(answer(b"2"))]).start()
+        ep = client.endpoint(srv.url)
+        r = await client.request(ep, "GET", "/x", {}, b"", deadline(2))
+        assert await r.read(deadline(2)) == b"{}"
+        assert r.content_type == b"application/json"
+        await srv.stop()
+
+    run(test)
+
+
+def test_an_answer_delimited_by_the_connection_end_is_read() -> None:
+    """An answer with neither Content-Length nor chunked encoding ends at EOF (RFC 9112 §6.3)."""
+
+    async def test(client: UpstreamClient) -> None:
+        srv = await ScriptedServer(
+            [respond(b'HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n{"a": 1}', close=True)]
+        ).start()
+        r = await client.request(client.endpoint(srv.url), "GET", "/x", {}, b"", deadline(2))
+        assert await r.read(deadline(2)) == b'{"a": 1}'
+        await srv.stop()
+
+    run(test)
+
+
+def test_the_retry_of_a_stale_connection_uses_a_new_one() -> None:
+    """The one retry after a stale reused connection goes to a new connection, not to the next
+    idle one, which can be as stale (an engine closing its idle connections as requests go out)."""
+
+    async def test(client: UpstreamClient) -> None:
+        num_connections = 0
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            # connections 1 and 2 answer one request, then close at the next one; later ones answer
+            nonlocal num_connections
+            num_connections += 1
+            is_stale_later = num_connections <= 2
+            try:
+                for i in range(100):
+                    await reader.readuntil(b"\r\n\r\n")
+                    await reader.readexactly(1)  # every body here is one byte
+                    if is_stale_later and i == 1:
+                        return
+                    await asyncio.sleep(0.1 if is_stale_later else 0)
+                    writer.write(answer(b"fresh" if not is_stale_later else b"s"))
+                    await writer.drain()
+            except (asyncio.IncompleteReadError, ConnectionError):
+                pass
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        ep = client.endpoint(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+
+        async def one() -> bytes:
+            r = await client.request(ep, "POST", "/x", {}, b"a", deadline(2))
+            return await r.read(deadline(2))
+
+        assert await asyncio.gather(one(), one()) == [b"s", b"s"] and len(ep.idle) == 2
+        assert await one() == b"fresh"  # UpstreamError('connection closed by the engine') now
+        server.close()
+
+    run(test)
+
+
+def test_a_request_that_must_not_run_twice_is_not_replayed() -> None:
+    """A decode leg (`is_replayable=False`) on a reused connection that the engine closes without an
+    answer is not sent again (its kv_transfer_params must never be replayed: the forwarder re-runs the
+    prefill instead); a replayable request in the same situation is retried on a new connection."""
+
+    async def hold_then_close(
+        r: asyncio.StreamReader, w: asyncio.StreamWriter, head: bytes, body: bytes
+    ) -> None:
+        await asyncio.sleep(0.5)
+        w.close()
+
+    async def test(client: UpstreamClient) -> None:
+        srv = await ScriptedServer(
+            [respond(answer(b"1")), hold_then_close, respond(answer(b"replayed"))]
+        ).start()
+        ep = client.endpoint(srv.url)
+        assert await (await client.request(ep, "POST", "/x", {}, b"a")).read() == b"1"
+        with pytest.raises(UpstreamError):
+            await client.request(ep, "POST", "/x", {}, b"decode-body", deadline(5), is_replayable=False)
+        assert [b for _, b in srv.requests] == [b"a", b"decode-body"]
+        await srv.stop()
+        srv = await ScriptedServer(
+            [respond(answer(b"1")), hold_then_close, respond(answer(b"again"))]
+        ).start()
+        ep = client.endpoint(srv.url)
+        assert await (await client.request(ep, "POST", "/x", {}, b"a")).read() == b"1"
+        assert await (await client.request(ep, "POST", "/x", {}, b"prefill", deadline(5))).read() == b"again"
+        assert [b for _, b in srv.requests] == [b"a", b"prefill", b"prefill"] and srv.num_connections == 2
+        await srv.stop()
+
+    run(test)
+
+
+@pytest.mark.parametrize(
+    "url", ["http://user:secret@127.0.0.1:8000", "http://127.0.0.1:99999", "http://127.0.0.1:x"]
+)
+def test_engine_urls_with_credentials_or_bad_ports_are_refused(url: str) -> None:
+    """Credentials would land in the Host header (use forward_auth); a bad port is a config error."""
+    from eldr.proxy.config import check_url
+
+    with pytest.raises(ConfigError):
+        Endpoint.of(url)
+    with pytest.raises(ConfigError):
+        check_url(url)
+
+
+def test_the_host_header_names_host_and_port() -> None:
+    assert Endpoint.of("http://[::1]:8000").host_header == b"[::1]:8000"
+    assert Endpoint.of("http://[::1]:8000").host == "::1"
+    assert Endpoint.of("https://example.org").host_header == b"example.org"
+    assert Endpoint.of("https://example.org").port == 443
+
+
 @pytest.mark.parametrize("url", ["ftp://a", "http://", "a:80"])
 def test_only_http_urls(url: str) -> None:
     with pytest.raises(ConfigError):
