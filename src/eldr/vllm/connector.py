@@ -41,6 +41,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
     KVConnectorWorkerMetadata,
 )
+from vllm.forward_context import get_forward_context, is_forward_context_available
 
 from eldr.errors import ConfigError
 from eldr.vllm import timing
@@ -182,6 +183,9 @@ class EldrConnector(KVConnectorBase_V1):
         extra = self._kv_transfer_config.kv_connector_extra_config
         inner_cls, inner_config = _wrapped_config(vllm_config)
         self._inner = inner_cls(inner_config, role, kv_cache_config) if inner_cls is not None else None
+        if self._inner is not None:  # bound once here: a `__getattribute__` would tax every attribute
+            for name in _DELEGATED:
+                setattr(self, name, getattr(self._inner, name))
         self._block_size = int(vllm_config.cache_config.block_size)
         self._is_skipping_external = bool(extra.get("eldr_skip_external_loads", False))
         # scheduler side
@@ -229,8 +233,6 @@ class EldrConnector(KVConnectorBase_V1):
         return self._taps
 
     def _step_slots(self) -> torch.Tensor | None:
-        from vllm.forward_context import get_forward_context, is_forward_context_available
-
         if not is_forward_context_available():
             return None
         slots = get_forward_context().slot_mapping
@@ -385,13 +387,18 @@ class EldrConnector(KVConnectorBase_V1):
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         return self._inner.get_finished(finished_req_ids) if self._inner is not None else (None, None)
 
-    def __getattribute__(self, name: str) -> Any:
-        # everything EldrConnector does not define itself goes to the wrapped connector
-        if name in _DELEGATED:
-            inner = object.__getattribute__(self, "_inner")
-            if inner is not None:
-                return getattr(inner, name)
-        return object.__getattribute__(self, name)
+    @property
+    def supports_divergent_local_hybrid_hits(self) -> bool:
+        inner = self._inner
+        return (
+            inner.supports_divergent_local_hybrid_hits
+            if inner
+            else super().supports_divergent_local_hybrid_hits
+        )
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return self._inner.requires_kv_delivery if self._inner is not None else super().requires_kv_delivery
 
     @classmethod
     def get_required_kvcache_layout(cls, vllm_config: VllmConfig) -> str | None:
@@ -403,6 +410,7 @@ class EldrConnector(KVConnectorBase_V1):
         return False
 
 
+# the wrapped connector's methods (and attribute) that EldrConnector does not define itself
 _DELEGATED = frozenset(
     {
         "get_mem_pool_context",
@@ -427,8 +435,6 @@ _DELEGATED = frozenset(
         "set_xfer_handshake_metadata",
         "set_xfer_handshake_metadata_pp_aware",
         "reset_cache",
-        "supports_divergent_local_hybrid_hits",
-        "requires_kv_delivery",
         "_cache_hit_source",
     }
 )

@@ -79,8 +79,9 @@ def fold_ids(
         return None
     block_ids, is_fresh, token_row = block_runs(slots, block_size)
     num_blocks, layer_bins = int(block_ids.size), num_layers * num_experts
-    bins = flat.reshape(num_layers, num_tokens, top_k)
-    bins += (token_row * layer_bins + _layer_offsets(num_layers, num_experts))[:, :, None]
+    bins = flat.reshape(num_layers, num_tokens * top_k)
+    bins += np.repeat(token_row * layer_bins, top_k)  # two long passes: a [L, T, 1] broadcast runs k-wide
+    bins += _layer_offsets(num_layers, num_experts)
     counts = np.bincount(flat, minlength=num_blocks * layer_bins)
     return BlockDelta(
         block_ids=block_ids,
