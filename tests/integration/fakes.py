@@ -52,7 +52,8 @@ class FakeEngine:
     delay_s: float = 0.0  # before answering
     token_delay_s: float = 0.0  # between stream chunks
     is_healthy: bool = True
-    fail_next: list[str] = field(default_factory=list)  # per request: "500", "drop", "midstream", "hang"
+    # per request: "500", "drop", "midstream", "hang", "huge" (a prefill answer padded to 1 MiB)
+    fail_next: list[str] = field(default_factory=list)
     fail_rate: float = 0.0  # random failures ("500" or "drop", or "midstream" for decode streams)
     seed: int = 0
     received: list[dict[str, Any]] = field(default_factory=list)
@@ -173,6 +174,8 @@ class FakeEngine:
             np.save(buffer, self.topk_ids(prompt).astype(np.uint16), allow_pickle=False)
             answer["choices"][0]["routed_experts"] = base64.b64encode(buffer.getvalue()).decode()
         answer["kv_transfer_params"] = kv
+        if failure == "huge":
+            answer["padding"] = "x" * (1 << 20)
         if failure == "drop":
             return StreamingResponse(_dropped(b""), media_type="application/json")
         return JSONResponse(answer)

@@ -120,9 +120,9 @@ def test_no_signature_routes_by_jsq() -> None:
         c.close()
 
 
-@pytest.mark.parametrize("failure", ["500", "drop", "hang"])
+@pytest.mark.parametrize("failure", ["500", "drop", "hang", "huge"])
 def test_prefill_failure_is_retried_on_another_prefill(failure: str) -> None:
-    c = Cluster(prefill_timeout_s=0.5)
+    c = Cluster(prefill_timeout_s=0.5, max_answer_bytes=64 * 1024)  # "huge": an answer over the limit
     try:
         c.prefill[0].fail_next = [failure] * 6
         for _ in range(6):
@@ -209,6 +209,20 @@ def test_all_instances_failing_gives_a_clear_503() -> None:
         assert r.status_code == 503 and r.headers["retry-after"] == "1"
         assert "prefill" in r.json()["error"]["message"]
         assert c.in_flight() == [0, 0, 0, 0]
+    finally:
+        c.close()
+
+
+def test_answers_over_the_size_limit_fail_clearly() -> None:
+    c = Cluster(max_attempts=2, max_answer_bytes=64 * 1024)
+    try:
+        for engine in c.prefill:
+            engine.fail_next = ["huge"]  # one each: both attempts fail
+        r = httpx.post(c.url + "/v1/completions", json=body())
+        assert r.status_code == 503
+        assert "AnswerTooLarge: answer over 65536 bytes" in r.json()["error"]["message"]
+        assert c.in_flight() == [0, 0, 0, 0]
+        assert httpx.post(c.url + "/v1/completions", json=body()).status_code == 200  # the next is fine
     finally:
         c.close()
 

@@ -76,6 +76,12 @@ _FLAGS: tuple[tuple[str, str, Any, str], ...] = (
         "longest wait for a slot; then 503 + Retry-After (default 10)",
     ),
     ("--max-body-bytes", "max_body_bytes", int, "largest request body; beyond it: 413 (default 16 MiB)"),
+    (
+        "--max-answer-bytes",
+        "max_answer_bytes",
+        int,
+        "largest engine answer read whole, or SSE event relayed; beyond it the leg fails (default 256 MiB)",
+    ),
     ("--health-interval-s", "health_interval_s", float, "seconds between active health checks (default 2)"),
     ("--health-timeout-s", "health_timeout_s", float, "timeout of one health check (default 2)"),
     ("--eject-after", "eject_after", int, "consecutive failed checks that eject an instance (default 2)"),

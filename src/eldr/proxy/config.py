@@ -52,6 +52,7 @@ class ServeConfig:
     max_queue: int = 1024  # requests waiting for a slot; beyond: 429
     queue_timeout_s: float = 10.0  # longest wait for a slot; beyond: 503
     max_body_bytes: int = 16 * 1024 * 1024
+    max_answer_bytes: int = 256 * 1024 * 1024  # an engine's answer (or one SSE event); beyond: a failed leg
     # health checks
     health_interval_s: float = 2.0
     health_timeout_s: float = 2.0
@@ -109,6 +110,7 @@ class ServeConfig:
             "max_attempts",
             "max_concurrency",
             "max_body_bytes",
+            "max_answer_bytes",
             "eject_after",
             "recover_after",
             "prefix_bytes",

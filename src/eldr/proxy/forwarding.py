@@ -181,7 +181,7 @@ class Forwarder:
             response = await self.client.request(
                 self.client.endpoint(worker.url), "POST", request.path, headers, orjson.dumps(body), deadline
             )
-            content = await response.read(deadline)
+            content = await response.read(deadline, self.config.max_answer_bytes)
             status = response.status
             if status >= 500:
                 raise LegFailed(f"HTTP {status}")
@@ -195,7 +195,7 @@ class Forwarder:
             outcome = "timeout"
             raise LegFailed("timed out") from exc
         except (*UPSTREAM_ERRORS, orjson.JSONDecodeError) as exc:
-            raise LegFailed(type(exc).__name__) from exc
+            raise LegFailed(_why(exc)) from exc
         except asyncio.CancelledError:
             outcome = "cancelled"
             raise
@@ -267,7 +267,7 @@ class Forwarder:
             if status >= 500:
                 raise LegFailed(f"HTTP {status}")
             if status >= 400 or not is_stream:
-                content = await response.read(deadline)
+                content = await response.read(deadline, self.config.max_answer_bytes)
                 lease.release("refused" if status >= 400 else "ok")
                 return Reply(status, content, response.content_type, reply_headers)
             idle_s = self.config.stream_idle_timeout_s
@@ -285,18 +285,26 @@ class Forwarder:
         except UPSTREAM_ERRORS as exc:
             _close(response)
             lease.release("error")
-            raise LegFailed(type(exc).__name__) from exc
+            raise LegFailed(_why(exc)) from exc
         except BaseException:
             _close(response)
             lease.release("cancelled")
             raise
-        return StreamReply(status, first, response, lease.release, idle_s, reply_headers)
+        return StreamReply(
+            status, first, response, lease.release, idle_s, reply_headers, self.config.max_answer_bytes
+        )
 
 
 def _close(response: UpstreamResponse | None) -> None:
     """Drop an upstream answer; its connection goes back to the pool only if it was read to the end."""
     if response is not None:
         response.close()
+
+
+def _why(exc: BaseException) -> str:
+    """`AnswerTooLarge: answer over 262144 bytes`; the class name alone when there is no message."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _nothing() -> None:

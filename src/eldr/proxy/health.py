@@ -28,10 +28,13 @@ def parse_engine_load(text: bytes) -> int | None:
     return int(sum(float(value) for _, value in found))
 
 
+CHECK_MAX_BYTES = 16 * 1024 * 1024  # a /health, /metrics or /v1/models page larger than this fails the check
+
+
 async def _get(client: UpstreamClient, worker: Worker, path: str, deadline: float) -> tuple[int, bytes]:
     response = await client.request(client.endpoint(worker.url), "GET", path, {}, b"", deadline)
     try:
-        return response.status, await response.read(deadline)
+        return response.status, await response.read(deadline, CHECK_MAX_BYTES)
     finally:
         response.close()
 

@@ -18,7 +18,7 @@ from starlette.types import Send
 
 from eldr.proxy.disconnect import DisconnectWatch, StalledWrites
 from eldr.proxy.metrics import Metrics
-from eldr.proxy.upstream import UpstreamError, UpstreamResponse
+from eldr.proxy.upstream import AnswerTooLarge, UpstreamError, UpstreamResponse
 
 Headers = list[tuple[bytes, bytes]]
 UPSTREAM_ERRORS = (UpstreamError, OSError, TimeoutError)
@@ -57,6 +57,7 @@ class StreamReply:
     release: Callable[[str], None]
     idle_timeout_s: float
     headers: Headers = field(default_factory=list)
+    max_event_bytes: int | None = None  # an SSE event held back longer than this ends the stream
 
     def discard(self) -> None:
         """Drop it unsent (the request was cancelled before the relay started)."""
@@ -71,7 +72,7 @@ class StreamReply:
         outcome = "cancelled"
         idle_s = self.idle_timeout_s
         stalled = StalledWrites(idle_s)
-        cutter = _EventCutter()
+        cutter = _EventCutter(self.max_event_bytes)
         try:
             start = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), *self.headers]
             await stalled.guard(
@@ -122,17 +123,20 @@ class StreamReply:
 class _EventCutter:
     """Splits a relayed SSE stream at its last event boundary (a blank line), keeping the rest."""
 
-    __slots__ = ("is_done", "tail")
+    __slots__ = ("is_done", "max_bytes", "tail")
 
-    def __init__(self) -> None:
+    def __init__(self, max_bytes: int | None = None) -> None:
         self.tail = b""  # the start of an event whose end has not arrived
         self.is_done = False  # the last whole event sent was `data: [DONE]`
+        self.max_bytes = max_bytes  # longest event held back; beyond: AnswerTooLarge
 
     def whole_events(self, chunk: bytes) -> bytes:
         data = self.tail + chunk if self.tail else chunk
         lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n")
         end = max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
         if not end:  # no boundary yet
+            if self.max_bytes is not None and len(data) > self.max_bytes:
+                raise AnswerTooLarge(f"SSE event over {self.max_bytes} bytes")
             self.tail = data
             return b""
         self.tail = data[end:]

@@ -18,8 +18,8 @@ expire after `keepalive_s`, which must stay below the engines' own keep-alive ti
 uvicorn server), so no request is written to a connection the engine is closing; a connection the
 engine closed (EOF) is never reused. An error, a timeout, a cancellation or an answer dropped
 half-read closes its connection. Reading pauses while more than `HIGH_WATER_BYTES` of an answer wait
-for a slow consumer. Errors are `UpstreamError` (connection refused or lost, malformed answer) and
-`TimeoutError`.
+for a slow consumer. Errors are `UpstreamError` (connection refused or lost, malformed answer, an
+answer over the reader's size limit: `AnswerTooLarge`) and `TimeoutError`.
 """
 
 from __future__ import annotations
@@ -42,6 +42,10 @@ LOW_WATER_BYTES = 64 * 1024
 
 class UpstreamError(Exception):
     """An upstream request failed: connection refused, reset or closed early, or a malformed answer."""
+
+
+class AnswerTooLarge(UpstreamError):
+    """An engine's answer (or one SSE event of it) is larger than the proxy's `max_answer_bytes`."""
 
 
 @dataclass(eq=False)
@@ -169,14 +173,18 @@ class UpstreamResponse:
         while chunk := await self.next_chunk(idle_timeout_s):
             yield chunk
 
-    async def read(self, deadline: float | None = None) -> bytes:
-        """The whole body; `TimeoutError` if it is not in by `deadline` (event-loop time). Closes the
-        answer, whatever happens."""
+    async def read(self, deadline: float | None = None, max_bytes: int | None = None) -> bytes:
+        """The whole body; `TimeoutError` if it is not in by `deadline` (event-loop time),
+        `AnswerTooLarge` once more than `max_bytes` arrived. Closes the answer, whatever happens."""
         body: list[bytes] = []
+        size = 0
         try:
             while True:
                 if self._parts:  # taken as it comes: reading resumes if it paused above the high water
                     body.append(self._take())
+                    size += len(body[-1])
+                    if max_bytes is not None and size > max_bytes:
+                        raise AnswerTooLarge(f"answer over {max_bytes} bytes")
                 if self._error is not None:
                     raise self._error
                 if self._is_done:

@@ -12,7 +12,7 @@ from test_upstream import ScriptedServer, deadline, run
 
 from eldr.proxy.metrics import Metrics
 from eldr.proxy.relay import StreamReply, _EventCutter
-from eldr.proxy.upstream import HIGH_WATER_BYTES, UpstreamClient
+from eldr.proxy.upstream import HIGH_WATER_BYTES, AnswerTooLarge, UpstreamClient
 
 
 class _Watch:
@@ -21,12 +21,16 @@ class _Watch:
 
 
 async def _relay(
-    client: UpstreamClient, url: str, send: Any, idle_timeout_s: float = 2.0
+    client: UpstreamClient,
+    url: str,
+    send: Any,
+    idle_timeout_s: float = 2.0,
+    max_event_bytes: int | None = None,
 ) -> tuple[list[str], Any]:
     r = await client.request(client.endpoint(url), "POST", "/v1/completions", {}, b"{}", deadline(5))
     first = await r.next_chunk(2)
     outcomes: list[str] = []
-    reply = StreamReply(r.status, first, r, outcomes.append, idle_timeout_s)
+    reply = StreamReply(r.status, first, r, outcomes.append, idle_timeout_s, max_event_bytes=max_event_bytes)
     await reply.send(send, _Watch(), Metrics())  # type: ignore[arg-type]
     return outcomes, r
 
@@ -70,6 +74,40 @@ def test_a_cut_in_the_middle_of_an_event_sends_no_broken_event() -> None:
         assert outcomes[0] == "error" and events[-1] == b"data: [DONE]"
         for event in events[:-1]:
             orjson.loads(event.removeprefix(b"data: "))  # every data event the client sees is JSON
+        await srv.stop()
+
+    run(test)
+
+
+def test_an_event_over_the_size_limit_ends_the_stream_with_an_error_event() -> None:
+    """An engine that streams without ever closing its event (no blank line): the relay holds back
+    at most `max_event_bytes`, then ends the stream with the error event and [DONE]."""
+
+    async def endless_event(
+        r: asyncio.StreamReader, w: asyncio.StreamWriter, head: bytes, body: bytes
+    ) -> None:
+        w.write(SSE_HEAD + _chunk(b'data: {"id": 1}\n\n') + _chunk(b"data: "))
+        for _ in range(64):
+            w.write(_chunk(b"x" * 4096))
+            await w.drain()
+            await asyncio.sleep(0)
+        await asyncio.sleep(5)
+
+    async def test(client: UpstreamClient) -> None:
+        srv = await ScriptedServer([endless_event]).start()
+        sent: list[bytes] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.body":
+                sent.append(message["body"])
+
+        outcomes, _ = await _relay(client, srv.url, send, max_event_bytes=64 * 1024)
+        events = _sse_events(b"".join(sent))
+        assert outcomes[0] == "error"  # (the lease's release is idempotent)
+        assert events[0] == b'data: {"id": 1}' and events[-1] == b"data: [DONE]"
+        error = orjson.loads(events[1].removeprefix(b"data: "))["error"]
+        assert error["code"] == 502 and "AnswerTooLarge" in error["message"]
+        assert len(b"".join(sent)) < 4096  # the held-back event never went out
         await srv.stop()
 
     run(test)
@@ -167,6 +205,14 @@ def test_events_go_out_whole(chunks: list[bytes], sent: list[bytes], tail: bytes
     cutter = _EventCutter()
     assert [cutter.whole_events(c) for c in chunks] == sent
     assert cutter.tail == tail
+
+
+def test_an_event_held_back_past_the_limit_is_refused() -> None:
+    cutter = _EventCutter(max_bytes=10)
+    assert cutter.whole_events(b"data: 12") == b""
+    assert cutter.whole_events(b"\n\ndata: 1234") == b"data: 12\n\n"  # the limit is per event
+    with pytest.raises(AnswerTooLarge, match="SSE event over 10 bytes"):
+        cutter.whole_events(b"56")
 
 
 def test_done_is_recognised_only_as_the_last_event() -> None:

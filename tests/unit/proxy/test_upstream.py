@@ -13,7 +13,7 @@ import pytest
 import uvloop
 
 from eldr.errors import ConfigError
-from eldr.proxy.upstream import HIGH_WATER_BYTES, Endpoint, UpstreamClient, UpstreamError
+from eldr.proxy.upstream import HIGH_WATER_BYTES, AnswerTooLarge, Endpoint, UpstreamClient, UpstreamError
 
 # one scripted answer: (reader, writer, request head, request body) -> None
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, bytes, bytes], Awaitable[None]]
@@ -338,6 +338,27 @@ def test_a_large_answer_is_read_whole() -> None:
         assert await r.read(deadline(10)) == body  # reading pauses and resumes on the way
         assert await (await client.request(ep, "GET", "/x", {})).read() == b"next"
         assert srv.num_connections == 1
+        await srv.stop()
+
+    run(test)
+
+
+def test_an_answer_over_the_size_limit_fails_and_closes_its_connection() -> None:
+    body = b"x" * (4 * HIGH_WATER_BYTES)
+
+    async def test(client: UpstreamClient) -> None:
+        srv = await ScriptedServer(
+            [respond(answer(body)), respond(answer(body)), respond(answer(b"ok"))]
+        ).start()
+        ep = client.endpoint(srv.url)
+        r = await client.request(ep, "POST", "/x", {}, b"{}")
+        with pytest.raises(AnswerTooLarge, match=f"over {HIGH_WATER_BYTES} bytes"):
+            await r.read(deadline(10), max_bytes=HIGH_WATER_BYTES)
+        assert not ep.idle  # the rest of that answer is never read: its connection is closed
+        r = await client.request(ep, "POST", "/x", {}, b"{}")
+        assert await r.read(deadline(10), max_bytes=len(body)) == body  # exactly at the limit: fine
+        assert await (await client.request(ep, "GET", "/x", {})).read() == b"ok"
+        assert srv.num_connections == 2
         await srv.stop()
 
     run(test)
