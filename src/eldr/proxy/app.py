@@ -111,19 +111,11 @@ async def _generate(state: ProxyState, scope: Scope, receive: Receive, send: Sen
         # cancels this task
         watch = DisconnectWatch(receive)
         try:
-            try:
-                await state.admission.acquire()
-            except Rejected as exc:
-                state.metrics.rejections.labels(exc.reason).inc()
-                message = (
-                    "too many requests queued" if exc.status == 429 else "timed out waiting for a free slot"
-                )
-                reply = error_reply(ProxyError(exc.status, message, "rate_limit_exceeded", retry_after_s=1))
-            except asyncio.CancelledError:
-                if watch.has_cancelled():
-                    state.metrics.disconnects.inc()
-                    return
-                raise
+            refused = await _queue(watch, state)
+            if refused is _GONE:
+                return
+            if refused is not None:
+                reply = refused
             else:
                 try:
                     reply = await _admitted(watch, state, client_request)
@@ -137,6 +129,26 @@ async def _generate(state: ProxyState, scope: Scope, receive: Receive, send: Sen
             watch.stop()
     _observe(state, endpoint, reply.status, started)
     await reply.send(send)
+
+
+_GONE = Reply(499, b"")  # `_queue`: the client left while it waited (nothing is sent or observed)
+
+
+async def _queue(watch: DisconnectWatch, state: ProxyState) -> Reply | None:
+    """Wait for an admission slot: `None` once admitted (the caller releases it), else the refusal
+    (429 queue full, 503 waited too long) or `_GONE`."""
+    try:
+        await state.admission.acquire()
+    except Rejected as exc:
+        state.metrics.rejections.labels(exc.reason).inc()
+        message = "too many requests queued" if exc.status == 429 else "timed out waiting for a free slot"
+        return error_reply(ProxyError(exc.status, message, "rate_limit_exceeded", retry_after_s=1))
+    except asyncio.CancelledError:
+        if watch.has_cancelled():
+            state.metrics.disconnects.inc()
+            return _GONE
+        raise
+    return None
 
 
 async def _admitted(

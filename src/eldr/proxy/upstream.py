@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from eldr.errors import ConfigError
+from eldr.proxy.config import check_url
 
 HIGH_WATER_BYTES = 256 * 1024  # pause reading from an engine above this much unconsumed answer
 LOW_WATER_BYTES = 64 * 1024
@@ -60,20 +60,12 @@ class Endpoint:
 
     @classmethod
     def of(cls, url: str) -> Endpoint:
-        parts = urlsplit(url)
-        try:
-            port_given = parts.port
-        except ValueError:
-            port_given = -1
-        if parts.scheme not in ("http", "https") or not parts.hostname or port_given == -1:
-            raise ConfigError(f"upstream URL must be http(s)://host[:port], got {url!r}")
-        if parts.username is not None or parts.password is not None:
-            raise ConfigError(f"upstream URL must not hold credentials (see forward_auth), got {url!r}")
+        parts = urlsplit(check_url(url))  # http(s), a host, a valid port, no credentials: ConfigError
         is_tls = parts.scheme == "https"
-        host = parts.hostname
+        host, port = str(parts.hostname), parts.port
         name = f"[{host}]" if ":" in host else host
-        host_header = name if port_given is None else f"{name}:{port_given}"
-        return cls(host, port_given or (443 if is_tls else 80), host_header.encode("idna"), is_tls)
+        host_header = name if port is None else f"{name}:{port}"
+        return cls(host, port or (443 if is_tls else 80), host_header.encode("idna"), is_tls)
 
 
 def _timeout_waiter(waiter: asyncio.Future[None]) -> None:

@@ -118,9 +118,8 @@ def fold_on_device(
     offsets = torch.from_numpy(token_row * layer_bins).to(device)[None, :, None] + torch.arange(
         0, layer_bins, num_experts, device=device
     ).view(-1, 1, 1)
-    bins = (ids.clamp(0, num_experts - 1) + offsets).view(
-        -1
-    )  # clamped: an index out of range is fatal on GPU
+    # clamped: an index out of range is fatal on GPU (out-of-range ids were caught by low_high)
+    bins = (ids.clamp(0, num_experts - 1) + offsets).view(-1)
     counts = torch.zeros(num_blocks * layer_bins, dtype=torch.int32, device=device)
     counts.scatter_add_(0, bins, torch.ones_like(bins, dtype=torch.int32))
     dtype = _row_dtype(block_size)

@@ -35,6 +35,17 @@ async def _relay(
     return outcomes, r
 
 
+def _body_collector() -> tuple[list[bytes], Any]:
+    """`(sent, send)`: an ASGI `send` that keeps the bodies it is given in `sent`."""
+    sent: list[bytes] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body":
+            sent.append(message["body"])
+
+    return sent, send
+
+
 def _sse_events(data: bytes) -> list[bytes]:
     return [e for e in data.split(b"\n\n") if e.strip()]
 
@@ -63,11 +74,7 @@ def test_a_cut_in_the_middle_of_an_event_sends_no_broken_event() -> None:
 
     async def test(client: UpstreamClient) -> None:
         srv = await ScriptedServer([cut_mid_event]).start()
-        sent: list[bytes] = []
-
-        async def send(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.body":
-                sent.append(message["body"])
+        sent, send = _body_collector()
 
         outcomes, _ = await _relay(client, srv.url, send)
         events = _sse_events(b"".join(sent))
@@ -95,11 +102,7 @@ def test_an_event_over_the_size_limit_ends_the_stream_with_an_error_event() -> N
 
     async def test(client: UpstreamClient) -> None:
         srv = await ScriptedServer([endless_event]).start()
-        sent: list[bytes] = []
-
-        async def send(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.body":
-                sent.append(message["body"])
+        sent, send = _body_collector()
 
         outcomes, _ = await _relay(client, srv.url, send, max_event_bytes=64 * 1024)
         events = _sse_events(b"".join(sent))
@@ -127,11 +130,7 @@ def test_a_failure_after_done_adds_no_error_and_no_second_done() -> None:
 
     async def test(client: UpstreamClient) -> None:
         srv = await ScriptedServer([cut_after_done]).start()
-        sent: list[bytes] = []
-
-        async def send(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.body":
-                sent.append(message["body"])
+        sent, send = _body_collector()
 
         await _relay(client, srv.url, send)
         assert b"".join(sent).count(b"[DONE]") == 1
