@@ -153,7 +153,7 @@ def test_unknown_policy_and_missing_partition_are_config_errors(partition: Parti
         make_policy("fastest")
     with pytest.raises(ConfigError, match="needs a partition"):
         make_policy("eldr")
-    with pytest.raises(ConfigError, match="tau must be >= 0"):
+    with pytest.raises(ConfigError, match="tau must be finite and >= 0"):
         make_policy("eldr", partition=partition, tau=-1.0)
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from eldr.commands.arguments import tau_value
 from eldr.errors import InputFileError, InvalidInputError
 from eldr.partition import Partition
 from eldr.policy import DEFAULT_TAU, LocalityBandPolicy, RequestView, WorkersView
@@ -38,7 +39,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--tau",
-        type=float,
+        type=tau_value,
         default=DEFAULT_TAU,
         help=f"band width (default {DEFAULT_TAU}; 0 = pure locality, 1 = JSQ)",
     )

@@ -10,13 +10,14 @@ import argparse
 import logging
 from typing import Any
 
+from eldr.commands.arguments import tau_value
 from eldr.errors import ConfigError
 
 # flag -> (config field, type, help); every key of the YAML file has the flag of the same name
 _FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--partition", "partition", str, "partition file from `eldr fit`; needed by --policy eldr"),
     ("--policy", "policy", str, "decode routing policy: eldr (default), rr, random, jsq, p2c"),
-    ("--tau", "tau", float, "locality band width for eldr (default 0.1; 0 = pure locality, 1 = JSQ)"),
+    ("--tau", "tau", tau_value, "locality band width for eldr (default 0.1; 0 = pure locality, 1 = JSQ)"),
     ("--seed", "seed", int, "seed of the policies' tie-breaking (default 0)"),
     ("--host", "host", str, "address to listen on (default 127.0.0.1)"),
     ("--port", "port", int, "port to listen on (default 8000; 0 = any free port)"),

@@ -7,7 +7,7 @@ from eldr.partition import Partition
 from eldr.policy.base import Decision, Policy, RequestView, WorkersView
 from eldr.policy.baselines import JsqPolicy, PowerOfTwoPolicy, RandomPolicy, RoundRobinPolicy
 from eldr.policy.domain import DomainPolicy, OraclePolicy
-from eldr.policy.locality_band import DEFAULT_TAU, LocalityBandPolicy
+from eldr.policy.locality_band import DEFAULT_TAU, LocalityBandPolicy, check_tau
 
 LOAD_BALANCERS = ("random", "rr", "jsq", "p2c")
 POLICY_NAMES = (*LOAD_BALANCERS, "eldr", "domain", "oracle")
@@ -23,6 +23,7 @@ __all__ = [
     "Policy",
     "RequestView",
     "WorkersView",
+    "check_tau",
     "make_load_balancer",
     "make_policy",
 ]

@@ -1,16 +1,24 @@
 """ELDR's online policy: locality-band routing (paper §4.3.2).
 
-    s_k  = cos(signature, centroid_k)                 for every healthy worker k
-    band = {k : s_k >= max(s) - tau}                   (+ the runner-up if tau > 0 and |band| = 1)
-    pick = the band member with the fewest in-flight decode requests
+The routing rule (the one statement of it; docs/partition-format.md#the-routing-rule repeats it):
 
-Ties in load go to the more similar worker, then the lower index, so a decision is deterministic.
-tau = 0 is pure locality; tau >= 1 (cosine similarities of non-negative vectors lie in [0, 1]) puts
-every healthy worker in the band, which is JSQ. A request without a usable signature (none captured,
-wrong shape, all zeros, negative or non-finite counts) is routed by JSQ and marked as a fallback.
+    s_k  = centroid_k . signature                      for every worker k (`eldr.similarity`)
+    band = {k healthy : s_k >= max(s over healthy) - tau}
+           if tau > 0 and the band has one member, the most similar other healthy worker joins it
+           (ties in similarity: the lower index)
+    pick = the band member with the fewest in-flight decode requests;
+           ties in load go to the more similar worker, then the lower index
+
+tau must be finite and >= 0. tau = 0 is pure locality (the band is the most similar workers only; no
+runner-up joins). Similarities of non-negative vectors lie in [0, 1], so tau >= 1 puts every healthy
+worker in the band, which is JSQ with ties broken by similarity. A decision is deterministic. A request
+without a usable signature (none captured, wrong shape, all zeros, negative or non-finite counts) is
+routed to the least-loaded healthy worker (ties uniformly at random, seeded) and marked as a fallback.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import numpy.typing as npt
@@ -19,8 +27,20 @@ from eldr.errors import ConfigError, NoHealthyWorkerError, PartitionMismatchErro
 from eldr.partition import Partition
 from eldr.policy.base import Decision, RequestView, WorkersView, least_loaded
 from eldr.signature import FloatArray, SignatureTransform
+from eldr.similarity import CentroidSimilarity
 
 DEFAULT_TAU = 0.1
+
+
+def check_tau(tau: float) -> float:
+    """`tau` as a float if it is a valid band width (finite, >= 0), else a ConfigError."""
+    try:
+        value = float(tau)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"tau must be a number, got {tau!r}") from exc
+    if not (math.isfinite(value) and value >= 0.0):
+        raise ConfigError(f"tau must be finite and >= 0, got {tau!r}")
+    return value
 
 
 def band_members(
@@ -61,25 +81,20 @@ class LocalityBandPolicy:
     name = "eldr"
 
     def __init__(self, partition: Partition, tau: float = DEFAULT_TAU, seed: int = 0) -> None:
-        if not tau >= 0.0:
-            raise ConfigError(f"tau must be >= 0, got {tau}")
         self.transform: SignatureTransform = partition.transform
-        self.tau = tau
+        self.tau = check_tau(tau)
         self._rng = np.random.default_rng(seed)
-        self._full_weights = self.transform.full_weights()  # [L * E]
         self._shape = (self.transform.num_layers, self.transform.num_experts)
         self.centroids = partition.worker_centroids()
 
     @property
     def centroids(self) -> FloatArray:
         """Unit centroids `[W, D]`, row w for worker w."""
-        return self._state[0]
+        return self._similarity.centroids
 
     @centroids.setter
     def centroids(self, value: FloatArray) -> None:
-        # centroids folded with the IDF weights onto the raw count layout: sims = M @ counts / ||w*counts||
-        folded = self.transform.embed(value) * self._full_weights
-        self._state = (value, np.ascontiguousarray(folded, dtype=np.float32))  # one atomic swap
+        self._similarity = CentroidSimilarity(self.transform, value)  # one atomic swap
 
     def signature(self, request: RequestView) -> FloatArray | None:
         """The request's unit signature `[D]`, or None when it has no usable one."""
@@ -104,36 +119,30 @@ class LocalityBandPolicy:
         return counts
 
     def choose(self, request: RequestView, workers: WorkersView) -> Decision:
+        similarity = self._similarity
+        self._check_pool(similarity, workers)
         counts = self._usable_counts(self.counts_of(request))
-        centroids, folded = self._state
-        self._check_pool(centroids, workers)
-        if counts is None:
-            return self._fallback(workers)
-        weighted = np.multiply(counts.reshape(-1), self._full_weights, dtype=np.float32)
-        norm = float(np.sqrt(weighted @ weighted))
-        if norm == 0.0:
-            return self._fallback(workers)
-        return self._decide(folded @ weighted / norm, workers)
+        sims = None if counts is None else similarity.of_counts(counts)
+        return self._fallback(workers) if sims is None else self._decide(sims, workers)
 
     def choose_signature(self, vec: FloatArray | None, workers: WorkersView) -> Decision:
-        """Route a precomputed unit signature `[D]` (None: no usable signature)."""
-        centroids, _ = self._state
-        self._check_pool(centroids, workers)
-        if vec is None:
-            return self._fallback(workers)
-        return self._decide(centroids @ vec, workers)
+        """Route a precomputed signature `[D]` (None: no usable signature)."""
+        similarity = self._similarity
+        self._check_pool(similarity, workers)
+        sims = None if vec is None else similarity.of_signature(vec)
+        return self._fallback(workers) if sims is None else self._decide(sims, workers)
 
-    def _check_pool(self, centroids: FloatArray, workers: WorkersView) -> None:
-        if workers.num_workers != centroids.shape[0]:
+    def _check_pool(self, similarity: CentroidSimilarity, workers: WorkersView) -> None:
+        if workers.num_workers != similarity.num_centroids:
             raise PartitionMismatchError(
-                f"partition has {centroids.shape[0]} decode workers, the pool has {workers.num_workers}"
+                f"partition has {similarity.num_centroids} decode workers, the pool has {workers.num_workers}"
             )
 
     def _fallback(self, workers: WorkersView) -> Decision:
         return Decision(least_loaded(workers.healthy_indices(), workers, self._rng), is_fallback=True)
 
     def _decide(self, sims: FloatArray, workers: WorkersView) -> Decision:
-        np.clip(sims, -1.0, 1.0, out=sims)  # float rounding can exceed 1; tau >= 1 must mean JSQ
+        np.clip(sims, -1.0, 1.0, out=sims)  # float rounding can exceed 1 by ~1e-7; tau >= 1 must mean JSQ
         members = band_members(sims, workers.healthy, self.tau)
         worker = pick_in_band(members, sims, workers.in_flight)
         return Decision(worker, similarities=sims, band=tuple(members.tolist()))

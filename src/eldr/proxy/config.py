@@ -13,7 +13,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from eldr.errors import ConfigError, InputFileError
-from eldr.policy import DEFAULT_TAU, LOAD_BALANCERS
+from eldr.policy import DEFAULT_TAU, LOAD_BALANCERS, check_tau
 
 DECODE_POLICIES = (*LOAD_BALANCERS, "eldr")
 PREFILL_POLICIES = ("least-loaded", "prefix-hash")
@@ -88,8 +88,7 @@ class ServeConfig:
             raise ConfigError("policy eldr needs --partition (fit one with `eldr fit`)")
         if self.forward_auth == "engine-key" and not self.engine_api_key:
             raise ConfigError("forward_auth engine-key needs engine_api_key")
-        if not self.tau >= 0.0:
-            raise ConfigError(f"tau must be >= 0, got {self.tau}")
+        check_tau(self.tau)
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be in 0..65535, got {self.port}")
         positive = (
