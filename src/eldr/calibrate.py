@@ -3,12 +3,18 @@
 1. IDF weights from the calibration requests' prefill counts.
 2. The greedy layer mask (`layermask.py`) when decode-time counts are given, else all layers.
 3. Balanced spherical k-means (`kmeans.py`) on the transformed signatures, K = number of workers.
+
+Each ingredient can be switched off to measure what it contributes (`FitConfig`, `eldr fit` flags):
+`weighting="raw"` stores IDF weights of ones (plain counts; the layer mask then ranks unweighted
+counts too), `layer_selection="all"` keeps every layer (no greedy mask, no rho curve) and
+`is_balanced=False` runs plain spherical k-means.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -18,7 +24,12 @@ from eldr.errors import InvalidInputError
 from eldr.kmeans import spherical_kmeans
 from eldr.layermask import select_layers
 from eldr.partition import Partition
-from eldr.signature import SignatureTransform, as_counts, fit_idf
+from eldr.signature import FloatArray, SignatureTransform, as_counts, fit_idf
+
+Weighting = Literal["idf", "raw"]
+LayerSelection = Literal["greedy", "all"]
+WEIGHTINGS: tuple[Weighting, ...] = ("idf", "raw")  # raw: counts without IDF (ablation)
+LAYER_SELECTIONS: tuple[LayerSelection, ...] = ("greedy", "all")  # all: no layer mask (ablation)
 
 
 @dataclass(frozen=True)
@@ -28,8 +39,11 @@ class FitConfig:
     is_balanced: bool = True
     max_iter: int = 50
     num_pairs: int = 30_000
+    weighting: Weighting = "idf"
+    layer_selection: LayerSelection = "greedy"
 
     def __post_init__(self) -> None:
+        check_ablation(self.weighting, self.layer_selection)
         if self.num_workers < 1:
             raise InvalidInputError(f"number of workers must be >= 1, got {self.num_workers}")
         if self.max_iter < 1:
@@ -38,17 +52,42 @@ class FitConfig:
             raise InvalidInputError(f"num_pairs must be >= 10, got {self.num_pairs}")
 
 
+def check_ablation(weighting: str, layer_selection: str) -> None:
+    """Raise `InvalidInputError` naming the choices for an unknown weighting or layer selection."""
+    if weighting not in WEIGHTINGS:
+        raise InvalidInputError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
+    if layer_selection not in LAYER_SELECTIONS:
+        raise InvalidInputError(
+            f"layer selection must be one of {', '.join(LAYER_SELECTIONS)}, got {layer_selection!r}"
+        )
+
+
+def fit_weights(prefill_counts: npt.NDArray[np.integer], weighting: str = "idf") -> FloatArray:
+    """Per-(layer, expert) weights `[L, E]`: IDF, or ones for raw counts."""
+    check_ablation(weighting, "greedy")
+    if weighting == "raw":
+        return np.ones(prefill_counts.shape[1:], dtype=np.float32)
+    return fit_idf(prefill_counts)
+
+
 def fit_transform(
     prefill_counts: npt.NDArray[np.integer],
     decode_counts: npt.NDArray[np.integer] | None,
     *,
     seed: int = 1,
     num_pairs: int = 30_000,
+    weighting: str = "idf",
+    layer_selection: str = "greedy",
 ) -> tuple[SignatureTransform, tuple[float, ...]]:
-    """Fit IDF and the layer mask; returns the transform and the greedy rho curve (empty if none)."""
-    idf = fit_idf(prefill_counts)
+    """Fit the weights and the layer mask; returns the transform and the greedy rho curve (empty if none).
+
+    `weighting="raw"` gives weights of ones (the mask then ranks unweighted counts);
+    `layer_selection="all"` keeps every layer without computing rho.
+    """
+    check_ablation(weighting, layer_selection)
+    idf = fit_weights(prefill_counts, weighting)
     num_layers = prefill_counts.shape[1]
-    if decode_counts is None or prefill_counts.shape[0] < 3:
+    if layer_selection == "all" or decode_counts is None or prefill_counts.shape[0] < 3:
         return SignatureTransform(idf=idf, layers=tuple(range(num_layers))), ()
     weighted = prefill_counts.astype(np.float32) * idf[None]
     mask = select_layers(weighted, decode_counts, num_pairs=num_pairs, seed=seed)
@@ -82,7 +121,14 @@ def fit_partition(
         raise InvalidInputError(
             f"cannot fit K={config.num_workers} workers from N={num_requests} calibration requests"
         )
-    transform, rho_curve = fit_transform(prefill, decode, seed=config.seed, num_pairs=config.num_pairs)
+    transform, rho_curve = fit_transform(
+        prefill,
+        decode,
+        seed=config.seed,
+        num_pairs=config.num_pairs,
+        weighting=config.weighting,
+        layer_selection=config.layer_selection,
+    )
     signatures = transform.apply(prefill)
     result = spherical_kmeans(
         signatures,
@@ -95,6 +141,8 @@ def fit_partition(
         "num_requests": num_requests,
         "seed": config.seed,
         "kmeans": "balanced" if config.is_balanced else "plain",
+        "weighting": config.weighting,
+        "layer_selection": config.layer_selection,
         "rho_curve": list(rho_curve),
         "rho": max(rho_curve) if rho_curve else None,
         "cluster_sizes": result.cluster_sizes,

@@ -24,9 +24,9 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument(
         "--plot",
-        default=DEFAULT_PLOT,
+        default=None,
         metavar="FILE.png",
-        help=f"plot to write (default {DEFAULT_PLOT}; needs eldr[plot])",
+        help=f"plot to write (default {DEFAULT_PLOT} when matplotlib is installed: pip install 'eldr[plot]')",
     )
     p.add_argument("--no-plot", action="store_true", help="do not write a plot")
     p.set_defaults(func=run)
@@ -35,16 +35,26 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from eldr import data
     from eldr.partition import Partition
-    from eldr.sim.plot import pyplot
+    from eldr.sim.plot import has_matplotlib, pyplot
     from eldr.trace.format import Trace
 
+    note = None
     if args.no_plot:
         args.plot = None
-    elif args.plot:
-        pyplot()  # fail fast, before simulating, when matplotlib is missing
+    elif args.plot is not None:
+        pyplot()  # asked for by name: fail fast, before simulating, when matplotlib is missing
+    elif has_matplotlib():
+        args.plot = DEFAULT_PLOT
+    elif not args.json:
+        note = (
+            f"no plot written: matplotlib is not installed (pip install 'eldr[plot]' to get {DEFAULT_PLOT})"
+        )
     trace = Trace.load(data.demo_trace_path())
     if args.partition is None and args.kmeans == "balanced" and args.calibration is None:
         shipped = data.demo_partition_path()
         if Partition.load(shipped).num_workers == args.workers:
             args.partition = str(shipped)
-    return simulate_and_report(args, trace, "demo trace")
+    code = simulate_and_report(args, trace, "demo trace")
+    if note is not None:
+        print(note)
+    return code

@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from eldr.calibrate import FitConfig, fit_partition
+from eldr.calibrate import LAYER_SELECTIONS, WEIGHTINGS, FitConfig, fit_partition
 from eldr.calibration_data import load_calibration
 
 
@@ -17,7 +17,8 @@ def register(sub: Any) -> None:
         description=(
             "Fit IDF weights, the greedy layer mask (when decode counts are given) and balanced "
             "spherical k-means with one centroid per decode worker, and write the partition file "
-            "that `eldr route`, `eldr simulate` and `eldr serve` read."
+            "that `eldr route`, `eldr simulate` and `eldr serve` read. --weighting raw, --layers all and "
+            "--kmeans plain switch one ingredient off each (the paper's ablations)."
         ),
     )
     p.add_argument(
@@ -33,6 +34,20 @@ def register(sub: Any) -> None:
         choices=("balanced", "plain"),
         default="balanced",
         help="balanced (cluster size <= ceil(N/K), default) or plain spherical k-means (ablation)",
+    )
+    p.add_argument(
+        "--weighting",
+        choices=WEIGHTINGS,
+        default="idf",
+        help="idf: counts x log((N+1)/(df+1)) (default); raw: counts without IDF, stored as IDF weights "
+        "of ones, and the layer mask ranks unweighted counts (ablation)",
+    )
+    p.add_argument(
+        "--layers",
+        choices=LAYER_SELECTIONS,
+        default="greedy",
+        help="greedy: the layer mask by Spearman rho against decode counts, when given (default); "
+        "all: keep every layer, no mask and no rho (ablation)",
     )
     p.add_argument("--max-iter", type=int, default=50, help="k-means iterations at most (default 50)")
     p.add_argument(
@@ -51,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
         is_balanced=args.kmeans == "balanced",
         max_iter=args.max_iter,
         num_pairs=args.pairs,
+        weighting=args.weighting,
+        layer_selection=args.layers,
     )
     part = fit_partition(cal.prefill_counts, config, decode_counts=cal.decode_counts, top_k=cal.top_k)
     part.save(args.out)
@@ -62,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
         "num_experts": part.num_experts,
         "workers": part.num_workers,
         "kmeans": meta["kmeans"],
+        "weighting": meta["weighting"],
+        "layer_selection": meta["layer_selection"],
         "cluster_sizes": meta["cluster_sizes"],
         "kept_layers": list(part.transform.layers),
         "rho": meta["rho"],
@@ -72,7 +91,12 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary))
         return 0
-    rho = "n/a (no decode_counts: all layers kept)" if meta["rho"] is None else f"{meta['rho']:.4f}"
+    if meta["rho"] is not None:
+        rho = f"{meta['rho']:.4f}"
+    elif meta["layer_selection"] == "all":
+        rho = "n/a (--layers all: all layers kept)"
+    else:
+        rho = "n/a (no decode_counts: all layers kept)"
     print(
         f"fitted {part.num_workers} workers from {cal.num_requests} requests "
         f"({part.num_layers} layers x {part.num_experts} experts) in {meta['fit_seconds']:.2f} s"
@@ -82,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         f"{sorted(part.transform.layers)}"
     )
     print(f"  peak rho      : {rho}")
+    print(f"  weighting     : {meta['weighting']}")
     print(f"  cluster sizes : {meta['cluster_sizes']}")
     print(
         f"  k-means       : {meta['kmeans']}, {meta['num_iterations']} iterations, "

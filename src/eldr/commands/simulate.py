@@ -8,6 +8,7 @@ import sys
 from contextlib import ExitStack
 from typing import Any
 
+from eldr.commands.arguments import tau_value
 from eldr.policy import DEFAULT_TAU, POLICY_NAMES
 
 DEFAULT_POLICIES = "rr,random,jsq,p2c,domain,eldr,oracle"
@@ -36,7 +37,7 @@ def add_sim_arguments(p: argparse.ArgumentParser, *, default_rate: float | None 
     from eldr.sim.costmodel import LAYER_MAPS
     from eldr.sim.presets import PRESETS
     from eldr.sim.tokens import SAMPLERS
-    from eldr.sim.workload import DECODE_MODES
+    from eldr.sim.workload import ABLATION_POLICIES, DECODE_MODES
 
     p.add_argument("--workers", type=int, default=16, help="decode workers (default 16)")
     p.add_argument(
@@ -50,9 +51,16 @@ def add_sim_arguments(p: argparse.ArgumentParser, *, default_rate: float | None 
     p.add_argument(
         "--policies",
         default=DEFAULT_POLICIES,
-        help=f"comma-separated policies to compare, from {','.join(POLICY_NAMES)} (default: all)",
+        help=f"comma-separated policies to compare, from {','.join(POLICY_NAMES)} (default: all seven), "
+        f"or the signature ablations {','.join(ABLATION_POLICIES)} (eldr without IDF / layer mask / "
+        "balanced k-means, fitted like eldr; never --partition)",
     )
-    p.add_argument("--tau", type=float, default=DEFAULT_TAU, help=f"eldr band width (default {DEFAULT_TAU})")
+    p.add_argument(
+        "--tau",
+        type=tau_value,
+        default=DEFAULT_TAU,
+        help=f"eldr band width, finite and >= 0 (default {DEFAULT_TAU}; 0 = pure locality, 1 = JSQ)",
+    )
     p.add_argument(
         "--cost-model",
         choices=sorted(PRESETS),

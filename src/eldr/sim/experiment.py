@@ -8,11 +8,17 @@ from dataclasses import dataclass, field
 from eldr.calibration_data import CalibrationData
 from eldr.errors import ConfigError
 from eldr.partition import Partition
-from eldr.policy import DEFAULT_TAU, POLICY_NAMES
+from eldr.policy import DEFAULT_TAU, check_tau
 from eldr.sim.costmodel import CostModel, bind
 from eldr.sim.engine import PoolConfig, RunResult, simulate
 from eldr.sim.report import PolicyMetrics, metrics_of
-from eldr.sim.workload import WorkloadConfig, build_policy, measured_requests, split_calibration
+from eldr.sim.workload import (
+    SIM_POLICY_NAMES,
+    WorkloadConfig,
+    build_policy,
+    measured_requests,
+    split_calibration,
+)
 from eldr.trace.format import Trace
 
 
@@ -28,11 +34,10 @@ class Experiment:
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
 
     def __post_init__(self) -> None:
-        unknown = [name for name in self.policies if name not in POLICY_NAMES]
+        unknown = [name for name in self.policies if name not in SIM_POLICY_NAMES]
         if unknown or not self.policies:
-            raise ConfigError(f"unknown policies {unknown}; choose from {', '.join(POLICY_NAMES)}")
-        if not self.tau >= 0:
-            raise ConfigError(f"tau must be >= 0, got {self.tau}")
+            raise ConfigError(f"unknown policies {unknown}; choose from {', '.join(SIM_POLICY_NAMES)}")
+        check_tau(self.tau)
 
 
 @dataclass(frozen=True)
@@ -84,9 +89,9 @@ def run_experiment(
 
 
 def check_policies(names: Sequence[str]) -> tuple[str, ...]:
-    """Parse a policy list, keeping order and dropping repeats."""
+    """Parse a policy list (`SIM_POLICY_NAMES`: POLICY_NAMES + ablations), keeping order, dropping repeats."""
     unique = tuple(dict.fromkeys(n.strip() for n in names if n.strip()))
-    unknown = [n for n in unique if n not in POLICY_NAMES]
+    unknown = [n for n in unique if n not in SIM_POLICY_NAMES]
     if unknown or not unique:
-        raise ConfigError(f"unknown policies {unknown}; choose from {', '.join(POLICY_NAMES)}")
+        raise ConfigError(f"unknown policies {unknown}; choose from {', '.join(SIM_POLICY_NAMES)}")
     return unique

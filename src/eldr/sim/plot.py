@@ -13,6 +13,15 @@ from eldr.sim.engine import RunResult
 from eldr.sim.report import PolicyMetrics
 
 
+def has_matplotlib() -> bool:
+    """Whether the `plot` extra is installed."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def pyplot() -> Any:
     """matplotlib.pyplot on the non-interactive backend, or a one-line error naming the extra."""
     try:

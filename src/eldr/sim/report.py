@@ -10,6 +10,10 @@ import numpy as np
 
 from eldr.policy import LOAD_BALANCERS
 from eldr.sim.engine import RunResult
+from eldr.sim.workload import ABLATION_POLICIES
+
+# policies reported against the best load balancer (never one themselves): eldr, its ablations, the rest
+GAIN_POLICIES = ("eldr", *ABLATION_POLICIES, "domain", "oracle")
 
 
 @dataclass(frozen=True)
@@ -90,7 +94,7 @@ def to_json(metrics: Mapping[str, PolicyMetrics], settings: Mapping[str, Any]) -
     return {
         "settings": dict(settings),
         "policies": policies,
-        "gain": {name: gains(metrics, name) for name in ("eldr", "domain", "oracle") if name in metrics},
+        "gain": {name: gains(metrics, name) for name in GAIN_POLICIES if name in metrics},
     }
 
 
@@ -124,9 +128,7 @@ def render_table(metrics: Mapping[str, PolicyMetrics], title: str) -> Any:
     return table
 
 
-def gain_lines(
-    metrics: Mapping[str, PolicyMetrics], names: Sequence[str] = ("eldr", "domain", "oracle")
-) -> list[str]:
+def gain_lines(metrics: Mapping[str, PolicyMetrics], names: Sequence[str] = GAIN_POLICIES) -> list[str]:
     lines = []
     for name in names:
         g = gains(metrics, name)

@@ -3,11 +3,15 @@
 Calibration requests (what `eldr` and `domain` are fitted on) come from, in order of preference:
 `--calibration FILE` (a trace or a CAL.npz), the trace's boolean `calibration` flags, or its first
 `num_calibration` requests. Requests used for calibration are never measured.
+
+Besides `eldr.policy.POLICY_NAMES` (what `eldr serve` accepts), the simulator runs the paper's signature
+ablations (`ABLATION_POLICIES`): `eldr` fitted on the same calibration set with one ingredient off.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -32,6 +36,16 @@ from eldr.sim.tokens import SAMPLERS, TokenPlan, replay_plan, sample_plan, subse
 from eldr.trace.format import Trace
 
 DECODE_MODES = ("auto", "sample", "replay")
+
+# eldr with one ingredient of the signature or the partition switched off (paper §4.2, §4.3.1):
+# FitConfig overrides; everything else (seed, calibration set, tau, routing) as `eldr`.
+ABLATION_FITS: dict[str, dict[str, Any]] = {
+    "eldr-raw": {"weighting": "raw"},  # counts without IDF weights
+    "eldr-all-layers": {"layer_selection": "all"},  # no greedy layer mask
+    "eldr-plain": {"is_balanced": False},  # plain instead of balanced spherical k-means
+}
+ABLATION_POLICIES = tuple(ABLATION_FITS)
+SIM_POLICY_NAMES = (*POLICY_NAMES, *ABLATION_POLICIES)  # what `eldr simulate --policies` accepts
 
 
 @dataclass(frozen=True)
@@ -152,14 +166,17 @@ def token_plan(
 def fit_for(
     name: str, cal: CalibrationData, num_workers: int, *, is_balanced: bool, fit_seed: int = 1
 ) -> Partition:
-    """The partition a policy routes with: prefill counts (`eldr`) or decode counts (`oracle`)."""
+    """The partition a policy routes with: prefill counts (`eldr` and its ablations) or decode counts
+    (`oracle`). An ablation overrides one `FitConfig` setting (`ABLATION_FITS`); `eldr-plain` is plain
+    k-means whatever `is_balanced` says."""
     if name == "oracle":
         if cal.decode_counts is None:
             raise InvalidInputError("the oracle policy needs calibration decode_counts")
         counts = cal.decode_counts
     else:
         counts = cal.prefill_counts
-    config = FitConfig(num_workers=num_workers, seed=fit_seed, is_balanced=is_balanced)
+    settings: dict[str, Any] = {"is_balanced": is_balanced, **ABLATION_FITS.get(name, {})}
+    config = FitConfig(num_workers=num_workers, seed=fit_seed, **settings)
     return fit_partition(counts, config, decode_counts=cal.decode_counts, top_k=cal.top_k)
 
 
@@ -173,16 +190,25 @@ def build_policy(
     is_balanced: bool = True,
     partition: Partition | None = None,
 ) -> Policy:
-    """The policy `name`, fitted on the calibration set where it needs fitting."""
+    """The policy `name`, fitted on the calibration set where it needs fitting.
+
+    `partition` replaces the fitted one for `eldr` only; the ablations are always fitted here.
+    """
     if name in LOAD_BALANCERS:
         return make_policy(name, seed=seed)
     if name == "eldr":
         part = partition or fit_for("eldr", cal, num_workers, is_balanced=is_balanced)
         return LocalityBandPolicy(part, tau=tau, seed=seed)
+    if name in ABLATION_FITS:
+        ablation = LocalityBandPolicy(
+            fit_for(name, cal, num_workers, is_balanced=is_balanced), tau=tau, seed=seed
+        )
+        ablation.name = name  # runs and metrics carry the variant's name
+        return ablation
     if name == "oracle":
         return OraclePolicy(fit_for("oracle", cal, num_workers, is_balanced=is_balanced), tau=tau, seed=seed)
     if name == "domain":
         if cal.labels is None:
             raise InvalidInputError("the domain policy needs labelled calibration requests (trace `domain`)")
         return DomainPolicy(label_counts_of(cal.labels), num_workers, seed=seed)
-    raise ConfigError(f"unknown policy {name!r}; choose from {', '.join(POLICY_NAMES)}")
+    raise ConfigError(f"unknown policy {name!r}; choose from {', '.join(SIM_POLICY_NAMES)}")

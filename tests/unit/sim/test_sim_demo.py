@@ -36,10 +36,23 @@ def test_full_demo_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
         assert f"│ {name}" in out
 
 
-def test_demo_without_matplotlib_is_one_clear_line(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+def test_demo_without_matplotlib_prints_the_table_and_how_to_get_the_plot(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
-    assert main(["demo", "--requests", "50", "--policies", "rr"]) == 2
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--requests", "50", "--policies", "rr,eldr"]) == 0
+    captured = capsys.readouterr()
+    assert "│ eldr" in captured.out and captured.err == ""
+    last = captured.out.strip().splitlines()[-1]
+    assert "pip install 'eldr[plot]'" in last and "no plot written" in last
+    assert not (tmp_path / "eldr-demo.png").exists()
+
+
+def test_demo_asked_for_a_plot_without_matplotlib_is_one_clear_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["demo", "--requests", "50", "--policies", "rr", "--plot", str(tmp_path / "p.png")]) == 2
     err = capsys.readouterr().err.strip()
     assert "pip install 'eldr[plot]'" in err and len(err.splitlines()) == 1
