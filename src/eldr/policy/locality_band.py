@@ -14,6 +14,7 @@ runner-up joins). Similarities of non-negative vectors lie in [0, 1], so tau >= 
 worker in the band, which is JSQ with ties broken by similarity. A decision is deterministic. A request
 without a usable signature (none captured, wrong shape, all zeros, negative or non-finite counts) is
 routed to the least-loaded healthy worker (ties uniformly at random, seeded) and marked as a fallback.
+Similarities within SIMILARITY_TIE (1e-6) of each other count as equal everywhere in this rule.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ from eldr.signature import FloatArray, SignatureTransform
 from eldr.similarity import CentroidSimilarity
 
 DEFAULT_TAU = 0.1
+# similarities this close count as equal: float32 dot products of identical centroid rows can differ by
+# an ulp (BLAS sums rows in different orders), and twins must tie (the proxy clones a centroid for a new
+# decode instance)
+SIMILARITY_TIE = 1e-6
 
 
 def check_tau(tau: float) -> float:
@@ -52,12 +57,13 @@ def band_members(
     best = sims[top]
     if best == -np.inf:
         raise NoHealthyWorkerError("no healthy decode worker")
-    members = np.flatnonzero(sims >= best - tau)
+    members = np.flatnonzero(sims >= best - tau - SIMILARITY_TIE)
     if tau > 0 and members.size == 1 and sims.size > 1:
         rest = sims.copy()
         rest[top] = -np.inf
-        second = int(rest.argmax())  # the most similar other worker, lowest index on ties
-        if rest[second] > -np.inf:
+        runner_up = rest.max()
+        if runner_up > -np.inf:
+            second = int(np.flatnonzero(rest >= runner_up - SIMILARITY_TIE)[0])  # ties: the lower index
             members = np.array([top, second] if top < second else [second, top], dtype=np.int64)
     return members
 
@@ -69,10 +75,11 @@ def pick_in_band(
     if members.size == 1:
         return int(members[0])
     loads = in_flight[members]
-    lightest = members[loads == loads.min()]
+    lightest = members[loads == loads.min()]  # ascending indices
     if lightest.size == 1:
         return int(lightest[0])
-    return int(lightest[np.argmax(similarities[lightest])])  # argmax: first of equal maxima
+    sims = similarities[lightest]
+    return int(lightest[np.flatnonzero(sims >= sims.max() - SIMILARITY_TIE)[0]])
 
 
 class LocalityBandPolicy:
