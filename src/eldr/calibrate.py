@@ -23,6 +23,7 @@ from eldr import __version__
 from eldr.errors import InvalidInputError
 from eldr.kmeans import spherical_kmeans
 from eldr.layermask import select_layers
+from eldr.limits import FIT_BYTES_PER_ASSIGNMENT
 from eldr.partition import Partition
 from eldr.signature import FloatArray, SignatureTransform, as_counts, fit_idf
 
@@ -94,6 +95,17 @@ def fit_transform(
     return SignatureTransform(idf=idf, layers=mask.layers), mask.rho_curve
 
 
+def check_fit_size(num_requests: int, num_workers: int, budget_bytes: int) -> None:
+    """Refuse a fit whose balanced assignment (N x K pairs) would take more than the budget."""
+    need = num_requests * num_workers * FIT_BYTES_PER_ASSIGNMENT
+    if need > budget_bytes:
+        raise InvalidInputError(
+            f"fitting K={num_workers} workers on N={num_requests} calibration requests needs about "
+            f"{need / 2**30:.3g} GiB for the balanced assignment, above the limit of "
+            f"{budget_bytes / 2**30:.3g} GiB (ELDR_MAX_BYTES): use fewer calibration requests"
+        )
+
+
 def check_calibration(
     prefill_counts: npt.ArrayLike, decode_counts: npt.ArrayLike | None = None
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64] | None]:
@@ -129,7 +141,19 @@ def fit_partition(
         weighting=config.weighting,
         layer_selection=config.layer_selection,
     )
+    if not transform.full_weights().any():
+        raise InvalidInputError(
+            "every kept (layer, expert) has weight zero: each expert used was used by every calibration "
+            "request (IDF 0), so no request has a usable signature"
+        )
     signatures = transform.apply(prefill)
+    num_usable = int(np.count_nonzero(signatures.any(axis=1)))
+    if num_usable < config.num_workers:
+        raise InvalidInputError(
+            f"only {num_usable} of {num_requests} calibration requests have a usable signature (counts "
+            f"that weigh to non-zero; all-zero counts, or experts every request uses, weigh zero): "
+            f"cannot fit K={config.num_workers} centroids"
+        )
     result = spherical_kmeans(
         signatures,
         config.num_workers,
@@ -151,6 +175,12 @@ def fit_partition(
         "fit_seconds": time.perf_counter() - started,
         "eldr_version": __version__,
     }
+    dead = np.flatnonzero(np.linalg.norm(result.centroids, axis=1) == 0)
+    if dead.size:
+        raise InvalidInputError(
+            f"centroid {int(dead[0])} came out zero: its cluster holds only requests whose counts weigh "
+            "to zero; drop all-zero requests from the calibration file"
+        )
     return Partition(
         transform=transform,
         centroids=result.centroids,

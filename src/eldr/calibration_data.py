@@ -15,13 +15,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from eldr.calibrate import check_calibration
 from eldr.errors import InputFileError, InvalidInputError
-from eldr.npzfile import read_npz
+from eldr.limits import MAX_REQUESTS
+from eldr.npzfile import ArraySpec, read_npz, scalar_int
+
+# what `load_calibration` reads (a trace's other arrays are never decompressed)
+ARRAYS = (
+    ArraySpec("prefill_counts", 3, "biuf", is_required=False),  # required: a clearer message below
+    ArraySpec("decode_counts", 3, "biuf", is_required=False),
+    ArraySpec("labels", 1, "US", is_required=False),
+    ArraySpec("domain", 1, "US", is_required=False),
+    ArraySpec("top_k", 0, "iuf", is_required=False),
+    ArraySpec("calibration", 1, "b", is_required=False),
+)
 
 
 @dataclass(frozen=True)
@@ -37,24 +49,43 @@ class CalibrationData:
 
 
 def load_calibration(path: str | Path) -> CalibrationData:
-    arrays = read_npz(path, "calibration file")
+    """Read and check a calibration file (or a trace); one error naming the file, array and rule."""
+    arrays = read_npz(path, "calibration file", ARRAYS)
     if "prefill_counts" not in arrays:
         raise InputFileError(f"{path} has no 'prefill_counts' array (found: {sorted(arrays)})")
+    where = f"{path}: "
     flags = arrays.get("calibration")
     if flags is not None:
-        if flags.dtype != np.bool_ or flags.shape != arrays["prefill_counts"].shape[:1]:
-            raise InvalidInputError(
-                f"{path}: 'calibration' must be a boolean array with one flag per request"
-            )
+        if flags.shape != arrays["prefill_counts"].shape[:1]:
+            raise InvalidInputError(f"{where}'calibration' must be a boolean array with one flag per request")
         if not flags.any():
-            raise InvalidInputError(f"{path}: no request is flagged for calibration")
+            raise InvalidInputError(f"{where}no request is flagged for calibration")
         for name in ("prefill_counts", "decode_counts", "labels", "domain"):
-            if name in arrays:
+            if name in arrays and arrays[name].shape[:1] == flags.shape:
                 arrays[name] = arrays[name][flags]
-    prefill, decode = check_calibration(arrays["prefill_counts"], arrays.get("decode_counts"))
+    try:
+        prefill, decode = check_calibration(arrays["prefill_counts"], arrays.get("decode_counts"))
+    except InvalidInputError as exc:
+        raise InvalidInputError(f"{where}{exc}") from exc
+    if prefill.shape[0] > MAX_REQUESTS:
+        raise InvalidInputError(f"{where}at most {MAX_REQUESTS} calibration requests, got {prefill.shape[0]}")
+    if not prefill.any():
+        raise InvalidInputError(f"{where}prefill_counts are all zero: no request has an expert signature")
     raw_labels = arrays.get("labels", arrays.get("domain"))
-    labels = None if raw_labels is None else raw_labels.astype(str)
+    labels = None if raw_labels is None else _text(raw_labels, where)
     if labels is not None and labels.shape != (prefill.shape[0],):
-        raise InvalidInputError(f"labels has shape {labels.shape}, expected ({prefill.shape[0]},)")
-    top_k = int(arrays["top_k"]) if "top_k" in arrays else None
+        raise InvalidInputError(f"{where}labels has shape {labels.shape}, expected ({prefill.shape[0]},)")
+    num_experts = int(prefill.shape[2])
+    top_k = None
+    if "top_k" in arrays:
+        top_k = scalar_int(arrays["top_k"], "top_k", where, low=1, high=num_experts)
     return CalibrationData(prefill, decode, labels, top_k)
+
+
+def _text(labels: npt.NDArray[Any], where: str) -> npt.NDArray[np.str_]:
+    if labels.dtype.kind == "U":
+        return labels.astype(str)
+    try:
+        return np.char.decode(labels, "utf-8").astype(str)
+    except UnicodeDecodeError as exc:
+        raise InvalidInputError(f"{where}labels are not UTF-8 text: {exc.reason}") from exc

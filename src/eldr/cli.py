@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
+from typing import NoReturn
 
 from eldr import __version__
 from eldr.commands import capture, demo, fit, route, serve, simulate, trace
@@ -15,8 +17,20 @@ EXIT_BAD_INPUT = 2
 COMMANDS = (fit, route, serve, trace, simulate, demo, capture)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one line on stderr (no usage block) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {one_line(message)}\n")
+
+
+def one_line(message: str) -> str:
+    """A message on one line: newlines inside it (a path, an exception's text) become spaces."""
+    return " ".join(message.splitlines()) if message else message
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="eldr",
         description=(
             "Expert-locality-aware decode routing for prefill/decode-disaggregated MoE serving "
@@ -34,9 +48,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        code: int = args.func(args)
+        with warnings.catch_warnings():
+            # numpy's floating-point warnings (NaN metrics of empty groups, casts of refused values) are
+            # not errors: the command's answer, or its one error line, says what matters
+            warnings.simplefilter("ignore", RuntimeWarning)
+            code: int = args.func(args)
     except EldrError as exc:
-        print(f"eldr {args.command}: error: {exc}", file=sys.stderr)
+        print(f"eldr {args.command}: error: {one_line(str(exc))}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except MemoryError:  # only within a raised ELDR_MAX_BYTES, or under a tight ulimit: still one line
+        print(
+            f"eldr {args.command}: error: out of memory; the inputs are within ELDR_MAX_BYTES but this "
+            "machine (or ulimit) cannot hold them: use smaller inputs or a lower ELDR_MAX_BYTES "
+            "(docs/limits.md)",
+            file=sys.stderr,
+        )
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         return 130

@@ -17,12 +17,20 @@ class InputFileError(EldrError, OSError):
     """A file could not be read or does not hold what it should."""
 
 
+class OutputFileError(EldrError, OSError):
+    """An output file could not be written (the previous file, if any, is left as it was)."""
+
+
 class PartitionMismatchError(EldrError):
     """A partition does not fit the setup it is loaded into (L, E or number of workers differ)."""
 
 
 class NoHealthyWorkerError(EldrError):
     """A routing decision was asked for while no worker is healthy."""
+
+
+class DuplicateRequestError(EldrError, ValueError):
+    """A stateful policy was asked to route a request id that is still in flight."""
 
 
 class ConfigError(EldrError, ValueError):

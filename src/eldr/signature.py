@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from eldr.errors import InvalidInputError
+from eldr.limits import MAX_COUNT, MAX_IDF
 
 FloatArray = npt.NDArray[np.float32]
 CountArray = npt.NDArray[np.int64]
@@ -40,6 +41,8 @@ def as_counts(counts: npt.ArrayLike, *, name: str = "counts", ndim: int | None =
             raise InvalidInputError(f"{name} must hold whole expert counts, found fractions")
     if np.any(arr < 0):
         raise InvalidInputError(f"{name} contains negative counts")
+    if int(arr.max()) > MAX_COUNT:
+        raise InvalidInputError(f"{name} holds a count above {MAX_COUNT} (docs/limits.md)")
     return arr.astype(np.int64, copy=False)
 
 
@@ -89,12 +92,18 @@ class SignatureTransform:
     _order: npt.NDArray[np.int64] = field(init=False, repr=False, compare=False)  # sorted layers
 
     def __post_init__(self) -> None:
-        if self.idf.ndim != 2:
+        if self.idf.ndim != 2 or self.idf.size == 0:
             raise InvalidInputError(f"idf must have shape [layers, experts], got {self.idf.shape}")
+        if self.idf.dtype.kind not in "iuf" or not np.isfinite(self.idf).all():
+            raise InvalidInputError(f"idf weights must be finite numbers in [0, {MAX_IDF:g}]")
+        if self.idf.min() < 0 or self.idf.max() > MAX_IDF:
+            raise InvalidInputError(f"idf weights must be finite numbers in [0, {MAX_IDF:g}]")
         if not self.layers:
             raise InvalidInputError("a signature transform needs at least one layer")
         if min(self.layers) < 0 or max(self.layers) >= self.idf.shape[0]:
             raise InvalidInputError(f"layer ids {self.layers} out of range [0, {self.idf.shape[0]})")
+        if len(set(self.layers)) != len(self.layers):
+            raise InvalidInputError(f"layer ids must be distinct, got {self.layers}")
         order = np.asarray(sorted(self.layers), dtype=np.int64)
         weights = np.ascontiguousarray(self.idf[order].ravel(), dtype=np.float32)
         object.__setattr__(self, "_weights", weights)

@@ -337,6 +337,9 @@ class Recorder:
         self.calls.append((request, frozen, centroids, decision))
         return decision
 
+    def release(self, request_id: str) -> None:
+        self.inner.release(request_id)
+
 
 def tiny_requests(rng: np.random.Generator, setup: Setup, num_requests: int) -> Requests:
     num_layers, num_experts = setup.shape

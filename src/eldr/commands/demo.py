@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from eldr.commands.simulate import add_sim_arguments, simulate_and_report
+from eldr.commands.simulate import add_sim_arguments, check_plot_path, experiment_of, simulate_and_report
 
 DEFAULT_PLOT = "eldr-demo.png"
 
@@ -49,6 +49,9 @@ def run(args: argparse.Namespace) -> int:
         note = (
             f"no plot written: matplotlib is not installed (pip install 'eldr[plot]' to get {DEFAULT_PLOT})"
         )
+    if args.plot is not None:
+        check_plot_path(args.plot)
+    experiment_of(args)  # settings checked before the trace is read
     trace = Trace.load(data.demo_trace_path())
     if args.partition is None and args.kmeans == "balanced" and args.calibration is None:
         shipped = data.demo_partition_path()

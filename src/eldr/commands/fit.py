@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
-from eldr.calibrate import LAYER_SELECTIONS, WEIGHTINGS, FitConfig, fit_partition
+from eldr import strictjson
+from eldr.atomicfile import check_output_path
+from eldr.calibrate import LAYER_SELECTIONS, WEIGHTINGS, FitConfig, check_fit_size, fit_partition
 from eldr.calibration_data import load_calibration
+from eldr.commands.arguments import int_in, seed_value, workers_value
+from eldr.limits import MAX_ITER, MAX_PAIRS, MAX_WORKERS, MIN_PAIRS, max_bytes
 
 
 def register(sub: Any) -> None:
@@ -27,8 +30,16 @@ def register(sub: Any) -> None:
         metavar="CAL.npz",
         help="calibration file: prefill_counts [N,L,E], optional decode_counts [N,L,E], labels [N]",
     )
-    p.add_argument("--workers", type=int, required=True, metavar="K", help="number of decode workers")
-    p.add_argument("--seed", type=int, default=1, help="seed for k-means++ and pair sampling (default 1)")
+    p.add_argument(
+        "--workers",
+        type=workers_value,
+        required=True,
+        metavar="K",
+        help=f"number of decode workers, 1 to {MAX_WORKERS}",
+    )
+    p.add_argument(
+        "--seed", type=seed_value, default=1, help="seed for k-means++ and pair sampling, >= 0 (default 1)"
+    )
     p.add_argument(
         "--kmeans",
         choices=("balanced", "plain"),
@@ -49,9 +60,17 @@ def register(sub: Any) -> None:
         help="greedy: the layer mask by Spearman rho against decode counts, when given (default); "
         "all: keep every layer, no mask and no rho (ablation)",
     )
-    p.add_argument("--max-iter", type=int, default=50, help="k-means iterations at most (default 50)")
     p.add_argument(
-        "--pairs", type=int, default=30_000, help="request pairs sampled for the layer mask (default 30000)"
+        "--max-iter",
+        type=int_in(1, MAX_ITER),
+        default=50,
+        help=f"k-means iterations at most, 1 to {MAX_ITER} (default 50)",
+    )
+    p.add_argument(
+        "--pairs",
+        type=int_in(MIN_PAIRS, MAX_PAIRS),
+        default=30_000,
+        help=f"request pairs sampled for the layer mask, {MIN_PAIRS} to {MAX_PAIRS} (default 30000)",
     )
     p.add_argument("--out", required=True, metavar="PART.npz", help="partition file to write")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -59,7 +78,9 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_path(args.out, "partition")
     cal = load_calibration(args.calibration)
+    check_fit_size(cal.num_requests, args.workers, max_bytes())
     config = FitConfig(
         num_workers=args.workers,
         seed=args.seed,
@@ -89,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         "fit_seconds": round(meta["fit_seconds"], 4),
     }
     if args.json:
-        print(json.dumps(summary))
+        print(strictjson.dumps(summary))
         return 0
     if meta["rho"] is not None:
         rho = f"{meta['rho']:.4f}"

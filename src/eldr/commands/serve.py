@@ -10,16 +10,42 @@ import argparse
 import logging
 from typing import Any
 
-from eldr.commands.arguments import tau_value
+from eldr.commands.arguments import engine_url, float_in, int_in, nonempty_text, tau_value
 from eldr.errors import ConfigError
+from eldr.policy import FEWEST_NEW_EXPERTS
+from eldr.proxy.config import RANGES
 
 # flag -> (config field, type, help); every key of the YAML file has the flag of the same name
 _FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--partition", "partition", str, "partition file from `eldr fit`; needed by --policy eldr"),
-    ("--policy", "policy", str, "decode routing policy: eldr (default), rr, random, jsq, p2c"),
+    (
+        "--policy",
+        "policy",
+        str,
+        "decode routing policy: eldr (default), rr, random, jsq, p2c, fewest-new-experts (the worker whose "
+        "in-flight batch the request adds the fewest expected experts to, with a load term; docs/serving.md)",
+    ),
     ("--tau", "tau", tau_value, "locality band width for eldr (default 0.1; 0 = pure locality, 1 = JSQ)"),
+    (
+        "--top-k",
+        "top_k",
+        int,
+        "fewest-new-experts: experts per token of the model (default 0: the --partition's top_k)",
+    ),
+    (
+        "--lam",
+        "lam",
+        float,
+        "fewest-new-experts: load weight, expert reads per in-flight request (default 20.8: Qwen3-30B-A3B "
+        "on MI300X, 1,000-token contexts; docs/simulator.md)",
+    ),
     ("--seed", "seed", int, "seed of the policies' tie-breaking (default 0)"),
-    ("--host", "host", str, "address to listen on (default 127.0.0.1)"),
+    (
+        "--host",
+        "host",
+        str,
+        "address to listen on (default 127.0.0.1); 0.0.0.0 or :: (every interface) needs --allow-public-host",
+    ),
     ("--port", "port", int, "port to listen on (default 8000; 0 = any free port)"),
     (
         "--prefill-policy",
@@ -131,13 +157,23 @@ def register(sub: Any) -> None:
             "Settings come from --config and/or flags (flags win); see docs/serving.md."
         ),
     )
-    p.add_argument("--config", metavar="FILE", help="YAML file whose keys are the flags' names in snake_case")
     p.add_argument(
-        "--prefill", action="append", metavar="URL", help="a prefill instance, http://host:port (repeat)"
+        "--config",
+        type=nonempty_text,
+        metavar="FILE",
+        help="YAML file whose keys are the flags' names in snake_case (at most 1 MiB)",
+    )
+    p.add_argument(
+        "--prefill",
+        action="append",
+        type=engine_url,
+        metavar="URL",
+        help="a prefill instance, http://host:port (repeat)",
     )
     p.add_argument(
         "--decode",
         action="append",
+        type=engine_url,
         metavar="URL",
         help="a decode instance, http://host:port (repeat; order = partition)",
     )
@@ -145,12 +181,31 @@ def register(sub: Any) -> None:
         "--model",
         action="append",
         dest="models",
+        type=nonempty_text,
         metavar="NAME",
         help="served model name (repeat); default: learned from the engines' /v1/models; others get 404",
     )
     for flag, dest, kind, text in _FLAGS:
-        p.add_argument(flag, dest=dest, type=kind, default=None, help=text)
+        p.add_argument(flag, dest=dest, type=_checked(dest, kind), default=None, help=text)
+    p.add_argument(
+        "--allow-public-host",
+        dest="allow_public_host",
+        action="store_const",
+        const=True,
+        default=None,
+        help="allow --host to be 0.0.0.0 or :: (listen on every interface; default: refused)",
+    )
     p.set_defaults(func=run)
+
+
+def _checked(dest: str, kind: Any) -> Any:
+    """The flag's type with its range from `ServeConfig.RANGES` checked at parse time."""
+    if dest in RANGES:
+        low, high, is_low_open = RANGES[dest]
+        if kind is int:
+            return int_in(int(low), int(high))
+        return float_in(low, high, is_low_open=is_low_open)
+    return nonempty_text if kind is str else kind
 
 
 def load_config(args: argparse.Namespace) -> Any:
@@ -158,7 +213,12 @@ def load_config(args: argparse.Namespace) -> Any:
 
     file_values = read_yaml(args.config) if args.config else {}
     flags = {dest: getattr(args, dest) for _, dest, _, _ in _FLAGS}
-    flags.update(prefill=args.prefill, decode=args.decode, models=args.models)
+    flags.update(
+        prefill=args.prefill,
+        decode=args.decode,
+        models=args.models,
+        allow_public_host=args.allow_public_host,
+    )
     return build_config(file_values, flags)
 
 
@@ -175,7 +235,8 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    partition = Partition.load(config.partition) if config.partition and config.policy == "eldr" else None
+    uses_partition = config.policy in ("eldr", FEWEST_NEW_EXPERTS)  # fewest-new-experts: for its top_k
+    partition = Partition.load(config.partition) if config.partition and uses_partition else None
     app = build_app(config, partition)
     uvicorn.run(
         app,

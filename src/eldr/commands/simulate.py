@@ -3,15 +3,30 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from contextlib import ExitStack
 from typing import Any
 
-from eldr.commands.arguments import tau_value
-from eldr.policy import DEFAULT_TAU, POLICY_NAMES
+from eldr import strictjson
+from eldr.atomicfile import atomic_path, check_output_path
+from eldr.commands.arguments import float_in, int_in, seed_value, tau_value, workers_value
+from eldr.errors import InvalidInputError
+from eldr.limits import (
+    MAX_BATCH,
+    MAX_BYTES_ENV,
+    MAX_KV_TOKENS,
+    MAX_RATE,
+    MAX_REQUESTS,
+    MAX_TOKENS,
+    MAX_WORKERS,
+    max_bytes,
+    size_text,
+)
+from eldr.policy import DEFAULT_TAU, FEWEST_NEW_EXPERTS, POLICY_NAMES
 
 DEFAULT_POLICIES = "rr,random,jsq,p2c,domain,eldr,oracle"
+MAX_LAM = 1e6
+PLOT_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg", "webp", "eps", "ps", "tif", "tiff")
 
 
 def register(sub: Any) -> None:
@@ -39,19 +54,23 @@ def add_sim_arguments(p: argparse.ArgumentParser, *, default_rate: float | None 
     from eldr.sim.tokens import SAMPLERS
     from eldr.sim.workload import ABLATION_POLICIES, DECODE_MODES
 
-    p.add_argument("--workers", type=int, default=16, help="decode workers (default 16)")
+    p.add_argument(
+        "--workers", type=workers_value, default=16, help=f"decode workers, 1 to {MAX_WORKERS} (default 16)"
+    )
     p.add_argument(
         "--rate",
-        type=float,
+        type=float_in(0.0, MAX_RATE, is_low_open=True),
         default=default_rate,
-        help="re-time arrivals as Poisson at this many req/s (default: the trace's arrival_s)"
+        help=f"re-time arrivals as Poisson at this many req/s, (0, {MAX_RATE:g}] (default: the trace's "
+        "arrival_s)"
         if default_rate is None
-        else f"Poisson arrival rate in req/s (default {default_rate:g})",
+        else f"Poisson arrival rate in req/s, (0, {MAX_RATE:g}] (default {default_rate:g})",
     )
     p.add_argument(
         "--policies",
         default=DEFAULT_POLICIES,
-        help=f"comma-separated policies to compare, from {','.join(POLICY_NAMES)} (default: all seven), "
+        help=f"comma-separated policies to compare, from {','.join(POLICY_NAMES)} (default: "
+        f"{DEFAULT_POLICIES}), "
         f"or the signature ablations {','.join(ABLATION_POLICIES)} (eldr without IDF / layer mask / "
         "balanced k-means, fitted like eldr; never --partition)",
     )
@@ -62,12 +81,20 @@ def add_sim_arguments(p: argparse.ArgumentParser, *, default_rate: float | None 
         help=f"eldr band width, finite and >= 0 (default {DEFAULT_TAU}; 0 = pure locality, 1 = JSQ)",
     )
     p.add_argument(
+        "--lam",
+        type=float_in(0.0, MAX_LAM),
+        help=f"{FEWEST_NEW_EXPERTS}: load weight in expert reads per in-flight request, [0, {MAX_LAM:g}] "
+        "(default: derived from the cost model and the mean context; docs/simulator.md)",
+    )
+    p.add_argument(
         "--cost-model",
         choices=sorted(PRESETS),
         default="mi300x-qwen3-30b",
         help="step-cost preset (default mi300x-qwen3-30b; docs/simulator.md)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed for arrivals, token sampling and policies")
+    p.add_argument(
+        "--seed", type=seed_value, default=0, help="seed for arrivals, token sampling and policies, >= 0"
+    )
     p.add_argument(
         "--calibration",
         metavar="FILE.npz",
@@ -76,9 +103,10 @@ def add_sim_arguments(p: argparse.ArgumentParser, *, default_rate: float | None 
     )
     p.add_argument(
         "--num-calibration",
-        type=int,
+        type=int_in(1, MAX_REQUESTS),
         default=1000,
-        help="requests held out for calibration when the trace flags none (default 1000)",
+        help=f"requests held out for calibration when the trace flags none, 1 to {MAX_REQUESTS} "
+        "(default 1000)",
     )
     p.add_argument(
         "--kmeans",
@@ -89,11 +117,25 @@ def add_sim_arguments(p: argparse.ArgumentParser, *, default_rate: float | None 
     p.add_argument(
         "--partition", metavar="PART.npz", help="route eldr with this partition instead of fitting one"
     )
-    p.add_argument("--max-batch", type=int, help="decode batch limit per worker (default: the preset's)")
-    p.add_argument("--kv-capacity", type=int, help="KV-cache tokens per worker (default: the preset's)")
-    p.add_argument("--requests", type=int, help="simulate at most this many measured requests")
     p.add_argument(
-        "--output-tokens", type=int, help="every request generates exactly this many tokens (paper: 512)"
+        "--max-batch",
+        type=int_in(1, MAX_BATCH),
+        help=f"decode batch limit per worker, 1 to {MAX_BATCH} (default: the preset's)",
+    )
+    p.add_argument(
+        "--kv-capacity",
+        type=int_in(1, MAX_KV_TOKENS),
+        help="KV-cache tokens per worker, >= 1 (default: the preset's)",
+    )
+    p.add_argument(
+        "--requests",
+        type=int_in(1, MAX_REQUESTS),
+        help=f"simulate at most this many measured requests, 1 to {MAX_REQUESTS}",
+    )
+    p.add_argument(
+        "--output-tokens",
+        type=int_in(1, MAX_TOKENS),
+        help=f"every request generates exactly this many tokens, 1 to {MAX_TOKENS} (paper: 512)",
     )
     p.add_argument(
         "--layer-map",
@@ -124,6 +166,7 @@ def experiment_of(args: argparse.Namespace) -> Any:
         policies=check_policies(args.policies.split(",")),
         num_workers=args.workers,
         tau=args.tau,
+        lam=args.lam,
         is_balanced=args.kmeans == "balanced",
         max_batch=args.max_batch,
         kv_capacity_tokens=args.kv_capacity,
@@ -143,13 +186,49 @@ def experiment_of(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> int:
     from eldr.trace.format import Trace
 
-    trace = Trace.load(args.trace)
+    if args.plot is not None:
+        from eldr.sim.plot import pyplot
+
+        check_plot_path(args.plot)
+        pyplot()  # fail fast, before simulating, when matplotlib is missing
+    experiment_of(args)  # settings checked before the trace is read
+    needs_exact = args.decode == "replay" or (args.decode == "auto" and args.output_tokens is None)
+    trace = Trace.load(args.trace, with_exact_decode=needs_exact)
     return simulate_and_report(args, trace, str(args.trace))
+
+
+def check_plot_path(path: str) -> None:
+    """Refuse, before simulating, a plot path that cannot be written or a format matplotlib lacks."""
+    target = check_output_path(path, "plot")
+    if target.suffix and target.suffix.lower().lstrip(".") not in PLOT_FORMATS:
+        raise InvalidInputError(
+            f"plot {path}: unknown image format {target.suffix!r}; use one of .{', .'.join(PLOT_FORMATS)}"
+        )
+
+
+def check_plan_size(args: argparse.Namespace, trace: Any) -> None:
+    """Refuse a run whose per-token expert plan would exceed the memory budget (`ELDR_MAX_BYTES`)."""
+    words = -(-int(trace.num_experts) // 64)
+    num_requests = min(args.requests or trace.num_requests, trace.num_requests)
+    if args.output_tokens is not None:
+        num_tokens = num_requests * args.output_tokens
+    else:
+        num_tokens = int(trace.output_tokens.sum())
+    plan_bytes = num_tokens * int(trace.num_layers) * words * 8
+    budget = max_bytes()
+    if plan_bytes > budget:
+        raise InvalidInputError(
+            f"{num_requests} requests x their output tokens ({num_tokens} decode tokens) would need a "
+            f"{size_text(plan_bytes)} token plan, above the limit of {size_text(budget)}: lower "
+            f"--requests or --output-tokens (or raise {MAX_BYTES_ENV})"
+        )
 
 
 def simulate_and_report(args: argparse.Namespace, trace: Any, trace_name: str) -> int:
     from rich.console import Console
+    from rich.markup import escape
 
+    from eldr.calibrate import check_fit_size
     from eldr.calibration_data import load_calibration
     from eldr.partition import Partition
     from eldr.sim.experiment import run_experiment
@@ -158,8 +237,20 @@ def simulate_and_report(args: argparse.Namespace, trace: Any, trace_name: str) -
 
     experiment = experiment_of(args)
     cost = preset(args.cost_model)
+    check_plan_size(args, trace)
     calibration = load_calibration(args.calibration) if args.calibration else None
+    if calibration is not None:
+        num_calibration = calibration.num_requests
+    elif trace.calibration is not None and trace.calibration.any():
+        num_calibration = int(trace.calibration.sum())
+    else:
+        num_calibration = min(args.num_calibration, trace.num_requests)
+    check_fit_size(num_calibration, experiment.num_workers, max_bytes())
     partition = Partition.load(args.partition) if args.partition else None
+    if partition is not None:
+        partition.check_fits(
+            num_workers=experiment.num_workers, num_layers=trace.num_layers, num_experts=trace.num_experts
+        )
     show_progress = not args.json and sys.stderr.isatty()
     with ExitStack() as stack:
         on_policy = None
@@ -180,6 +271,7 @@ def simulate_and_report(args: argparse.Namespace, trace: Any, trace_name: str) -
         "workers": experiment.num_workers,
         "rate": args.rate,
         "tau": experiment.tau,
+        "lam": outcome.lam,
         "cost_model": cost.name,
         "seed": args.seed,
         "kmeans": args.kmeans,
@@ -193,17 +285,19 @@ def simulate_and_report(args: argparse.Namespace, trace: Any, trace_name: str) -
         from eldr.sim.plot import plot_policies
 
         title = f"{trace_name}: {experiment.num_workers} workers, {args.rate or 'trace'} req/s, {cost.name}"
-        plot_policies(outcome.metrics, outcome.runs, args.plot, title)
+        with atomic_path(args.plot, "plot") as temp:
+            plot_policies(outcome.metrics, outcome.runs, str(temp), title)
     if args.json:
-        print(json.dumps(to_json(outcome.metrics, settings)))
+        print(strictjson.dumps(to_json(outcome.metrics, settings)))
         return 0
     console = Console(width=max(Console().width, 120))
     rate = f"{args.rate:g} req/s Poisson" if args.rate else "trace arrivals"
     console.print(
         render_table(
             outcome.metrics,
-            f"{trace_name}: {settings['num_measured']} requests, {experiment.num_workers} decode workers, "
-            f"{rate}, {cost.name}, tau {experiment.tau:g}, seed {args.seed}",
+            f"{escape(trace_name)}: {settings['num_measured']} requests, "
+            f"{experiment.num_workers} decode workers, {rate}, {cost.name}, tau {experiment.tau:g}, "
+            f"seed {args.seed}",
         )
     )
     for line in gain_lines(outcome.metrics):

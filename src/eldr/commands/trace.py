@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
@@ -11,7 +10,22 @@ from typing import Any
 
 import numpy as np
 
-from eldr.errors import ConfigError
+from eldr import strictjson
+from eldr.atomicfile import check_output_path
+from eldr.commands.arguments import float_in, int_in, int_list, nonempty_text, seed_value
+from eldr.errors import InvalidInputError
+from eldr.limits import (
+    MAX_BATCH,
+    MAX_BATCH_SIZES,
+    MAX_BYTES_ENV,
+    MAX_DOMAINS,
+    MAX_RATE,
+    MAX_REQUESTS,
+    MAX_STEPS,
+    MAX_TOKENS,
+    max_bytes,
+    size_text,
+)
 from eldr.trace.format import Trace
 
 DEFAULT_DATA_DIR = "../shared/data"
@@ -51,10 +65,20 @@ def _register_build(actions: Any) -> None:
         default=DEFAULT_DATA_DIR,
         help=f"the shared data folder with olmoe/ and workloads/ (default {DEFAULT_DATA_DIR})",
     )
-    p.add_argument("--num-requests", type=int, required=True, metavar="N", help="requests in the trace")
+    p.add_argument(
+        "--num-requests",
+        type=int_in(1, MAX_REQUESTS),
+        required=True,
+        metavar="N",
+        help=f"requests in the trace, 1 to {MAX_REQUESTS}",
+    )
     arrivals = p.add_mutually_exclusive_group()
     arrivals.add_argument(
-        "--rate", type=float, default=60.0, metavar="R", help="Poisson arrivals at R requests/s (default 60)"
+        "--rate",
+        type=float_in(0.0, MAX_RATE, is_low_open=True),
+        default=60.0,
+        metavar="R",
+        help=f"Poisson arrivals at R requests/s, (0, {MAX_RATE:g}] (default 60)",
     )
     arrivals.add_argument(
         "--replay-azure",
@@ -68,27 +92,35 @@ def _register_build(actions: Any) -> None:
         help="which Azure 2023 trace gives lengths (and replayed arrivals): conv (default) or code",
     )
     p.add_argument(
-        "--max-prompt", type=int, default=1024, help="clip prompt lengths to this many tokens (default 1024)"
+        "--max-prompt",
+        type=int_in(1, MAX_TOKENS),
+        default=1024,
+        help=f"clip prompt lengths to this many tokens, 1 to {MAX_TOKENS} (default 1024)",
     )
     p.add_argument(
-        "--max-output", type=int, default=512, help="clip output lengths to this many tokens (default 512)"
+        "--max-output",
+        type=int_in(1, MAX_TOKENS),
+        default=512,
+        help=f"clip output lengths to this many tokens, 1 to {MAX_TOKENS} (default 512)",
     )
     p.add_argument(
         "--calibration",
-        type=int,
+        type=int_in(0, MAX_REQUESTS),
         default=1000,
         metavar="M",
         help="the first M arrivals are calibration requests from a disjoint text region (default 1000)",
     )
     p.add_argument(
         "--calibration-fraction",
-        type=float,
+        type=float_in(0.0, 0.99, is_low_open=True),
         default=0.2,
         metavar="F",
-        help="share of each domain's routed tokens reserved for calibration requests (default 0.2)",
+        help="share of each domain's routed tokens reserved for calibration requests, (0, 0.99] "
+        "(default 0.2)",
     )
     p.add_argument(
         "--mix",
+        type=nonempty_text,
         default=None,
         metavar="D=W,...",
         help=(
@@ -96,7 +128,7 @@ def _register_build(actions: Any) -> None:
             "book=3600,github=2779,arxiv=2744,wikipedia=2545)"
         ),
     )
-    p.add_argument("--seed", type=int, default=0, help="seed for every random draw (default 0)")
+    p.add_argument("--seed", type=seed_value, default=0, help="seed for every random draw, >= 0 (default 0)")
     p.add_argument(
         "--exact-decode",
         action="store_true",
@@ -120,14 +152,19 @@ def _register_info(actions: Any) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument(
         "--batch-sizes",
-        default="16,64",
+        type=int_list(1, MAX_BATCH, max_items=MAX_BATCH_SIZES),
+        default=[16, 64],
         metavar="B,...",
-        help="batch sizes for the distinct-experts comparison (default 16,64)",
+        help=f"batch sizes for the distinct-experts comparison, up to {MAX_BATCH_SIZES} values in "
+        f"[1, {MAX_BATCH}] (default 16,64)",
     )
     p.add_argument(
-        "--steps", type=int, default=200, help="sampled decode steps per batch comparison (default 200)"
+        "--steps",
+        type=int_in(1, MAX_STEPS),
+        default=200,
+        help=f"sampled decode steps per batch comparison, 1 to {MAX_STEPS} (default 200)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampled batches (default 0)")
+    p.add_argument("--seed", type=seed_value, default=0, help="seed of the sampled batches, >= 0 (default 0)")
     p.set_defaults(func=run_info)
 
 
@@ -136,6 +173,7 @@ def run_build(args: argparse.Namespace) -> int:
 
     from eldr.trace.olmoe import PAPER_MIX, OlmoeConfig, build_olmoe_trace, parse_mix
 
+    check_output_path(args.out, "trace")
     mix = PAPER_MIX if args.mix is None else parse_mix(args.mix)
     config = OlmoeConfig(
         num_requests=args.num_requests,
@@ -175,16 +213,6 @@ def run_build(args: argparse.Namespace) -> int:
         f"{clip['cut_to_fit_region']} cut to fit their text region"
     )
     return 0
-
-
-def _batch_sizes(text: str) -> list[int]:
-    try:
-        sizes = [int(item) for item in text.split(",")]
-    except ValueError:
-        sizes = []
-    if not sizes or any(size < 1 for size in sizes):
-        raise ConfigError(f"--batch-sizes must be positive integers separated by commas, got {text!r}")
-    return sizes
 
 
 def _describe(values: np.ndarray[Any, Any]) -> dict[str, float]:
@@ -247,36 +275,55 @@ def _fmt(value: float) -> str:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    batch_sizes = _batch_sizes(args.batch_sizes)
-    if args.steps < 1:
-        raise ConfigError(f"--steps must be >= 1, got {args.steps}")
     trace = Trace.load(args.trace)
-    info = summarise(trace, batch_sizes, args.steps, args.seed)
+    _check_sample_size(trace, args.batch_sizes, args.steps)
+    info = summarise(trace, args.batch_sizes, args.steps, args.seed)
     if args.json:
-        print(json.dumps(info))
+        print(strictjson.dumps(info))
         return 0
     _print_info(args.trace, info)
     return 0
 
 
+def _check_sample_size(trace: Trace, batch_sizes: list[int], num_steps: int) -> None:
+    """Refuse --steps x --batch-sizes whose sampled tokens would exceed the memory budget."""
+    if trace.domain is not None and (num_domains := np.unique(trace.domain).size) > MAX_DOMAINS:
+        raise InvalidInputError(
+            f"the trace has {num_domains} distinct domain labels; statistics are computed for at most "
+            f"{MAX_DOMAINS}"
+        )
+    rows = num_steps * max(batch_sizes)
+    sample_bytes = rows * trace.num_layers * (trace.num_experts + 8 * trace.top_k)
+    budget = max_bytes()
+    if trace.domain is not None and sample_bytes > budget:
+        raise InvalidInputError(
+            f"--steps {num_steps} x batch size {max(batch_sizes)} would sample {size_text(sample_bytes)} "
+            f"of expert choices, above the limit of {size_text(budget)} (or raise {MAX_BYTES_ENV})"
+        )
+
+
 def _print_info(path: str, info: dict[str, Any]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console(highlight=False)
-    console.print(f"{path}: N={info['num_requests']} ({info['num_calibration']} calibration)")
+    console.print(f"{escape(path)}: N={info['num_requests']} ({info['num_calibration']} calibration)")
     console.print(
         f"L={info['num_layers']} (layers {info['layers']} of {info['num_model_layers']})  "
         f"E={info['num_experts']}  k={info['top_k']}  "
         f"exact decode: {'yes' if info['has_exact_decode'] else 'no'}"
     )
     if info["source"] is not None:
-        console.print(f"source: {info['source']}  ({info['attribution'] or 'no attribution recorded'})")
+        attribution = info["attribution"] or "no attribution recorded"
+        console.print(escape(f"source: {info['source']}  ({attribution})"))
     clip = info["clipping"]
     if isinstance(clip, dict) and {"prompt_clipped", "output_clipped", "cut_to_fit_region"} <= clip.keys():
         console.print(
-            f"clipped when built: {clip['prompt_clipped']} prompts, {clip['output_clipped']} outputs, "
-            f"{clip['cut_to_fit_region']} cut to fit their text region"
+            escape(
+                f"clipped when built: {clip['prompt_clipped']} prompts, {clip['output_clipped']} outputs, "
+                f"{clip['cut_to_fit_region']} cut to fit their text region"
+            )
         )
     bad = info["conservation_violations"]
     console.print(
@@ -300,7 +347,10 @@ def _print_info(path: str, info: dict[str, Any]) -> None:
     for name in names:
         count = info["num_requests"] if name == "all" else info["domains"][name]
         corr.add_row(
-            name, str(count), _fmt(info["request_correlation"][name]), _fmt(info["expert_correlation"][name])
+            escape(name),
+            str(count),
+            _fmt(info["request_correlation"][name]),
+            _fmt(info["expert_correlation"][name]),
         )
     console.print(corr)
 
@@ -316,7 +366,7 @@ def _print_info(path: str, info: dict[str, Any]) -> None:
         for name in names:
             table.add_row(
                 size,
-                name,
+                escape(name),
                 f"{result['same'][name]:.2f}",
                 f"{result['mixed']:.2f}",
                 f"{100 * result['reduction'][name]:.1f}%",

@@ -72,7 +72,22 @@ class Decision:
 class Policy(Protocol):
     name: str
 
-    def choose(self, request: RequestView, workers: WorkersView) -> Decision: ...
+    def choose(self, request: RequestView, workers: WorkersView) -> Decision:
+        """Pick a worker; a stateful policy also records the dispatch of `request.request_id`."""
+        ...
+
+    def release(self, request_id: str) -> None:
+        """The request's decode ended (finished, failed, cancelled, moved): forget its dispatch.
+
+        Every end path calls it; an unknown or already released id is a no-op."""
+        ...
+
+
+class StatelessPolicy:
+    """A policy that keeps nothing per request: `release` has nothing to forget."""
+
+    def release(self, request_id: str) -> None:
+        return None
 
 
 def least_loaded(candidates: npt.NDArray[np.int64], workers: WorkersView, rng: np.random.Generator) -> int:

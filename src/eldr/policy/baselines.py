@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from eldr.policy.base import Decision, RequestView, WorkersView, least_loaded
+from eldr.policy.base import Decision, RequestView, StatelessPolicy, WorkersView, least_loaded
 
 
-class RandomPolicy:
+class RandomPolicy(StatelessPolicy):
     name = "random"
 
     def __init__(self, seed: int = 0) -> None:
@@ -18,7 +18,7 @@ class RandomPolicy:
         return Decision(int(healthy[self._rng.integers(healthy.size)]))
 
 
-class RoundRobinPolicy:
+class RoundRobinPolicy(StatelessPolicy):
     name = "rr"
 
     def __init__(self, seed: int = 0) -> None:
@@ -33,7 +33,7 @@ class RoundRobinPolicy:
         return Decision(worker)
 
 
-class JsqPolicy:
+class JsqPolicy(StatelessPolicy):
     """Join the shortest queue: fewest in-flight decode requests, random tie-break."""
 
     name = "jsq"
@@ -45,7 +45,7 @@ class JsqPolicy:
         return Decision(least_loaded(workers.healthy_indices(), workers, self._rng))
 
 
-class PowerOfTwoPolicy:
+class PowerOfTwoPolicy(StatelessPolicy):
     """Sample two distinct healthy workers, take the less loaded one."""
 
     name = "p2c"

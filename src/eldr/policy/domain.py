@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from eldr.errors import ConfigError, PartitionMismatchError
-from eldr.policy.base import Decision, RequestView, WorkersView, least_loaded
+from eldr.policy.base import Decision, RequestView, StatelessPolicy, WorkersView, least_loaded
 from eldr.policy.locality_band import LocalityBandPolicy
 
 
@@ -45,7 +45,7 @@ def split_pools(label_counts: Mapping[str, int], num_workers: int) -> dict[str, 
     return pools
 
 
-class DomainPolicy:
+class DomainPolicy(StatelessPolicy):
     name = "domain"
 
     def __init__(self, label_counts: Mapping[str, int], num_workers: int, seed: int = 0) -> None:

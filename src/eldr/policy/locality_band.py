@@ -26,7 +26,7 @@ import numpy.typing as npt
 
 from eldr.errors import ConfigError, NoHealthyWorkerError, PartitionMismatchError
 from eldr.partition import Partition
-from eldr.policy.base import Decision, RequestView, WorkersView, least_loaded
+from eldr.policy.base import Decision, RequestView, StatelessPolicy, WorkersView, least_loaded
 from eldr.signature import FloatArray, SignatureTransform
 from eldr.similarity import CentroidSimilarity
 
@@ -82,7 +82,7 @@ def pick_in_band(
     return int(lightest[np.flatnonzero(sims >= sims.max() - SIMILARITY_TIE)[0]])
 
 
-class LocalityBandPolicy:
+class LocalityBandPolicy(StatelessPolicy):
     """`eldr`: route to the least-loaded worker among those whose centroid best matches."""
 
     name = "eldr"

@@ -14,7 +14,7 @@ from scipy import optimize
 
 from eldr.errors import ConfigError
 from eldr.kmeans import normalize_rows, spherical_kmeans
-from eldr.policy.base import Decision, RequestView, WorkersView
+from eldr.policy.base import Decision, RequestView, StatelessPolicy, WorkersView
 from eldr.policy.locality_band import LocalityBandPolicy
 from eldr.signature import FloatArray
 
@@ -36,7 +36,7 @@ def refit_centroids(
     return align_centroids(old, result.centroids)
 
 
-class RefittingPolicy:
+class RefittingPolicy(StatelessPolicy):
     """Locality band whose centroids are refitted every `refit_every` routed signatures.
 
     `choose` records signatures; with `is_auto=True` it also refits inline when due (simulation).

@@ -2,24 +2,65 @@
 
 Keys of the YAML file are the field names below (snake_case); a flag given on the command line wins
 over the file. `examples/serve.yaml` lists every key with its default; `docs/serving.md` explains them.
+Everything that would make the proxy fail later is refused here, at start (docs/limits.md): numbers
+outside `RANGES` or not finite, engine URLs listed twice (compared by `engineurl.url_identity`), an
+empty or non-printable key or token, a host that listens on every interface unless
+`allow_public_host` says so.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import math
+import reprlib
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
+from eldr.engineurl import check_url, url_identity
 from eldr.errors import ConfigError, InputFileError
-from eldr.policy import DEFAULT_TAU, LOAD_BALANCERS, check_tau
+from eldr.inputfile import read_text
+from eldr.limits import GIB, MAX_CONFIG_BYTES, MAX_SEED, MAX_TIMEOUT_S, MIB
+from eldr.policy import DEFAULT_LAM, DEFAULT_TAU, FEWEST_NEW_EXPERTS, SERVE_POLICIES, check_tau
 
-DECODE_POLICIES = (*LOAD_BALANCERS, "eldr")
+DECODE_POLICIES = SERVE_POLICIES
 PREFILL_POLICIES = ("least-loaded", "prefix-hash")
 LOAD_SIGNALS = ("router", "blend")
 AUTH_FORWARDING = ("none", "client", "engine-key")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+__all__ = ["RANGES", "ServeConfig", "build_config", "check_url", "read_yaml"]
+
+# numeric settings: (low, high, is_low_open); floats must also be finite. The flags use the same table.
+RANGES: dict[str, tuple[float, float, bool]] = {
+    "seed": (0, MAX_SEED, False),
+    "port": (0, 65535, False),
+    "prefix_bytes": (1, 1 * MIB, False),
+    "hash_virtual_nodes": (1, 10_000, False),
+    "hash_load_factor": (0.0, 1000.0, True),
+    "connect_timeout_s": (0.0, MAX_TIMEOUT_S, True),
+    "prefill_timeout_s": (0.0, MAX_TIMEOUT_S, True),
+    "decode_timeout_s": (0.0, MAX_TIMEOUT_S, True),
+    "stream_idle_timeout_s": (0.0, MAX_TIMEOUT_S, True),
+    "max_attempts": (1, 100, False),
+    "keep_alive_s": (0.0, MAX_TIMEOUT_S, True),
+    "max_concurrency": (1, 1_000_000, False),
+    "max_queue": (0, 1_000_000, False),
+    "queue_timeout_s": (0.0, MAX_TIMEOUT_S, True),
+    "max_body_bytes": (1, 1 * GIB, False),
+    "max_answer_bytes": (1, 4 * GIB, False),
+    "health_interval_s": (0.0, MAX_TIMEOUT_S, True),
+    "health_timeout_s": (0.0, MAX_TIMEOUT_S, True),
+    "eject_after": (1, 1_000_000, False),
+    "recover_after": (1, 1_000_000, False),
+    "refit_every": (0, 1_000_000_000, False),
+    "refit_window": (1, 100_000, False),
+    "top_k": (0, 4096, False),
+    "lam": (0.0, 1e6, False),
+}
+MAX_MODELS = 1024  # served model names
+MAX_ENGINES = 4096  # prefill or decode URLs
 
 
 @dataclass(frozen=True)
@@ -31,9 +72,13 @@ class ServeConfig:
     partition: str | None = None  # path of the partition file (`eldr fit`); needed by policy eldr
     policy: str = "eldr"
     tau: float = DEFAULT_TAU
+    # fewest-new-experts: experts per token (0: the partition's top_k) and the load weight
+    top_k: int = 0
+    lam: float = DEFAULT_LAM
     seed: int = 0
     host: str = "127.0.0.1"
     port: int = 8000
+    allow_public_host: bool = False  # host may be 0.0.0.0 / :: (every interface)
     models: tuple[str, ...] = ()  # served model names; empty: learned from the engines' /v1/models
     # prefill choice
     prefill_policy: str = "least-loaded"
@@ -75,10 +120,17 @@ class ServeConfig:
             raise ConfigError("at least one --prefill URL is needed")
         if not self.decode:
             raise ConfigError("at least one --decode URL is needed")
-        for url in (*self.prefill, *self.decode):
-            check_url(url)
-        if len(set(self.decode)) != len(self.decode) or len(set(self.prefill)) != len(self.prefill):
-            raise ConfigError("a URL is listed twice among the prefill or decode instances")
+        for role, urls in (("prefill", self.prefill), ("decode", self.decode)):
+            _check_engines(role, urls)
+        _check_host(self.host, self.allow_public_host)
+        for name in ("api_key", "admin_token", "engine_api_key"):
+            _check_secret(name, getattr(self, name))
+        if len(self.models) > MAX_MODELS or any(not m.strip() or not m.isprintable() for m in self.models):
+            raise ConfigError(f"models must be at most {MAX_MODELS} non-empty, printable names")
+        if self.partition is not None and not self.partition.strip():
+            raise ConfigError("partition must be a file path, got an empty one")
+        for name, (low, high, is_low_open) in RANGES.items():
+            _check_range(name, getattr(self, name), low, high, is_low_open)
         _choice("policy", self.policy, DECODE_POLICIES)
         _choice("prefill_policy", self.prefill_policy, PREFILL_POLICIES)
         _choice("load_signal", self.load_signal, LOAD_SIGNALS)
@@ -86,40 +138,11 @@ class ServeConfig:
         _choice("log_level", self.log_level, LOG_LEVELS)
         if self.policy == "eldr" and self.partition is None:
             raise ConfigError("policy eldr needs --partition (fit one with `eldr fit`)")
+        if self.policy == FEWEST_NEW_EXPERTS and not self.top_k and self.partition is None:
+            raise ConfigError(f"policy {FEWEST_NEW_EXPERTS} needs --top-k (or a --partition that records it)")
         if self.forward_auth == "engine-key" and not self.engine_api_key:
             raise ConfigError("forward_auth engine-key needs engine_api_key")
         check_tau(self.tau)
-        if not 0 <= self.port <= 65535:
-            raise ConfigError(f"port must be in 0..65535, got {self.port}")
-        positive = (
-            "keep_alive_s",
-            "connect_timeout_s",
-            "prefill_timeout_s",
-            "decode_timeout_s",
-            "stream_idle_timeout_s",
-            "queue_timeout_s",
-            "health_interval_s",
-            "health_timeout_s",
-            "hash_load_factor",
-        )
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
-        at_least_one = (
-            "max_attempts",
-            "max_concurrency",
-            "max_body_bytes",
-            "max_answer_bytes",
-            "eject_after",
-            "recover_after",
-            "prefix_bytes",
-            "hash_virtual_nodes",
-        )
-        for name in at_least_one:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_queue < 0 or self.refit_every < 0:
-            raise ConfigError("max_queue and refit_every must be >= 0")
         if self.refit_every and self.policy != "eldr":
             raise ConfigError("refit_every needs policy eldr")
         if self.refit_every and self.refit_window < len(self.decode):
@@ -131,21 +154,55 @@ class ServeConfig:
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {reprlib.repr(value)}")
 
 
-def check_url(url: str) -> str:
-    """An engine base URL: http(s)://host:port, no path beyond '/'."""
-    parts = urlsplit(url)
+def _check_engines(role: str, urls: tuple[str, ...]) -> None:
+    if len(urls) > MAX_ENGINES:
+        raise ConfigError(f"at most {MAX_ENGINES} {role} URLs, got {len(urls)}")
+    seen: dict[str, str] = {}
+    for url in urls:
+        identity = url_identity(url)
+        if identity in seen:
+            raise ConfigError(f"{role} URLs {seen[identity]!r} and {url!r} name the same engine ({identity})")
+        seen[identity] = url
+
+
+def _check_host(host: str, allow_public_host: bool) -> None:
+    """A host to listen on: an IP address or host name; every interface only when allowed."""
+    name = host.strip().strip("[]")
+    if not name or name != host.strip("[]") or not name.isprintable() or len(name) > 253:
+        raise ConfigError(f"host must be an IP address or host name to listen on, got {host!r}")
     try:
-        parts.port  # noqa: B018 - raises ValueError outside 0-65535
+        address: Any = ipaddress.ip_address(name)
     except ValueError:
-        raise ConfigError(f"engine URL has an invalid port: {url!r}") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
-        raise ConfigError(f"engine URL must look like http://host:port, got {url!r}")
-    if parts.username is not None or parts.password is not None:
-        raise ConfigError(f"engine URL must not hold credentials (use forward_auth: engine-key), got {url!r}")
-    return url.rstrip("/")
+        try:  # legacy IPv4 forms ("0", "0.0") that the resolver also accepts
+            address = ipaddress.IPv4Address(socket.inet_aton(name))
+        except OSError:
+            address = None
+    if address is None and not all(c.isalnum() or c in "-._" for c in name):
+        raise ConfigError(f"host must be an IP address or host name to listen on, got {host!r}")
+    if address is not None and address.is_unspecified and not allow_public_host:
+        raise ConfigError(
+            f"host {host!r} listens on every interface: pass --allow-public-host (allow_public_host: true) "
+            "to mean it, or listen on one address such as 127.0.0.1"
+        )
+
+
+def _check_secret(name: str, value: str | None) -> None:
+    if value is None:
+        return
+    if not value or not all(0x21 <= ord(c) <= 0x7E for c in value) or len(value) > 4096:
+        raise ConfigError(
+            f"{name} must be 1 to 4096 visible ASCII characters (no spaces); leave it unset for none"
+        )
+
+
+def _check_range(name: str, value: float, low: float, high: float, is_low_open: bool) -> None:
+    above_low = value > low if is_low_open else value >= low
+    if not (math.isfinite(value) and above_low and value <= high):
+        bounds = f"{'(' if is_low_open else '['}{low:g}, {high:g}]"
+        raise ConfigError(f"{name} must be a finite number in {bounds}, got {value!r}")
 
 
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(ServeConfig))
@@ -163,25 +220,31 @@ def _typed(name: str, value: Any) -> Any:
     if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
         return value
     if kind == "float" and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(f"{name} must be a finite number, got {reprlib.repr(value)}") from None
+    if kind == "bool" and isinstance(value, bool):
+        return value
     if kind.startswith("str") and isinstance(value, str):
         return value
     if kind.startswith("tuple") and isinstance(value, tuple) and all(isinstance(v, str) for v in value):
         return value
-    expected = {"int": "an integer", "float": "a number"}.get(
+    expected = {"int": "an integer", "float": "a number", "bool": "true or false"}.get(
         kind, "text" if kind.startswith("str") else "a list of text"
     )
-    raise ConfigError(f"{name} must be {expected}, got {value!r}")
+    raise ConfigError(f"{name} must be {expected}, got {reprlib.repr(value)}")
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """The config file's mapping; unknown keys are an error (a typo must not pass silently)."""
     import yaml  # type: ignore[import-untyped]
 
+    text = read_text(path, "config file", max_bytes=MAX_CONFIG_BYTES, limit_name="docs/limits.md")
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise InputFileError(f"cannot read config file {path}: {exc.strerror}") from exc
+        data = yaml.safe_load(text)
+    except RecursionError as exc:
+        raise InputFileError(f"config file {path} nests too deeply") from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -191,9 +254,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise InputFileError(f"config file {path} must hold a mapping of keys to values")
-    unknown = sorted(set(data) - set(FIELD_NAMES))
-    if unknown:
-        raise ConfigError(f"unknown key(s) in {path}: {', '.join(map(str, unknown))}")
+    unknown = sorted({str(key) for key in data} - set(FIELD_NAMES))
+    if unknown or not all(isinstance(key, str) for key in data):
+        raise ConfigError(f"unknown key(s) in {path}: {reprlib.repr(', '.join(unknown))}")
     return data
 
 
@@ -204,8 +267,10 @@ def build_config(file_values: dict[str, Any], flag_values: dict[str, Any]) -> Se
         value = merged.get(name)
         if isinstance(value, str):
             merged[name] = (value,)
-        elif value is not None:
+        elif isinstance(value, list | tuple):
             merged[name] = tuple(value)
+        elif value is not None:
+            raise ConfigError(f"{name} must be a list of text, got {reprlib.repr(value)}")
     merged.setdefault("prefill", ())
     merged.setdefault("decode", ())
     for name, value in merged.items():

@@ -10,16 +10,23 @@ first byte re-runs the prefill (the old `kv_transfer_params` name blocks the fai
 freed, so they are never replayed) and picks another decode instance; a stream that fails half-way
 ends with an SSE error event and `[DONE]` (`relay.py`). In-flight counts are held until the last byte
 or the error. Upstream requests go through the proxy's own keep-alive client (`upstream.py`).
+
+Each decode leg is routed under its own id (`<X-Request-Id>#<n>`, unique even when clients reuse
+their ids or a request fails over), and its lease releases that id from the decode policy when the leg
+ends — answer, refusal, engine failure, timeout, oversize answer, failover, client gone — exactly once
+(a stateful policy such as `fewest-new-experts` forgets the leg's experts then).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import orjson
@@ -76,12 +83,14 @@ class ClientRequest:
 
 
 class Lease:
-    """One in-flight slot on a worker, released exactly once."""
+    """One in-flight slot on a worker, released exactly once (`on_release` runs then, once)."""
 
-    __slots__ = ("_metrics", "is_released", "started", "worker")
+    __slots__ = ("_metrics", "_on_release", "is_released", "started", "worker")
 
-    def __init__(self, worker: Worker, metrics: Metrics) -> None:
-        self.worker, self._metrics = worker, metrics
+    def __init__(
+        self, worker: Worker, metrics: Metrics, on_release: Callable[[], None] | None = None
+    ) -> None:
+        self.worker, self._metrics, self._on_release = worker, metrics, on_release
         self.is_released = False
         self.started = time.perf_counter()
         worker.in_flight += 1
@@ -93,6 +102,8 @@ class Lease:
         self.is_released = True
         w = self.worker
         w.in_flight -= 1
+        if self._on_release is not None:
+            self._on_release()
         m = self._metrics
         m.in_flight.labels(w.role, w.url).dec()
         m.legs.labels(w.role, w.url, outcome).inc()
@@ -115,6 +126,7 @@ class Forwarder:
         self.metrics, self.client = metrics, client
         self.policy_name = config.policy
         self.on_routed: Callable[[], None] = _nothing  # called after each decision (refit trigger)
+        self._legs = itertools.count()  # numbers the decode legs: the policy's request ids
         band = router.band
         self.expected_shape = (band.transform.num_layers, band.transform.num_experts) if band else None
 
@@ -146,12 +158,12 @@ class Forwarder:
                 self.metrics.retries.labels("prefill").inc()
                 continue
             try:
-                d_index, body = self.route(request, answer, p_index, failed_decode)
+                d_index, body, leg = self.route(request, answer, p_index, failed_decode)
             except NoHealthyWorkerError:
                 break
             worker = self.router.pool.workers[d_index]
             try:
-                return await self.run_decode(worker, request, body, headers)
+                return await self.run_decode(worker, request, body, headers, leg)
             except LegFailed as exc:
                 failed_decode.add(d_index)
                 reasons.append(f"decode {worker.url}: {exc}")
@@ -206,8 +218,9 @@ class Forwarder:
 
     def route(
         self, request: ClientRequest, answer: Any, p_index: int, failed_decode: set[int]
-    ) -> tuple[int, dict[str, Any]]:
-        """The decode instance and the decode body (original + the engine's kv_transfer_params)."""
+    ) -> tuple[int, dict[str, Any], str]:
+        """The decode instance, the decode body (original + the engine's kv_transfer_params) and the
+        leg's id in the decode policy (`run_decode` releases it)."""
         started = time.perf_counter()
         extracted = extract_signature(answer, self.router.num_experts)
         counts, error = extracted.counts, extracted.error
@@ -221,21 +234,26 @@ class Forwarder:
         m.signature_sources.labels(extracted.source).inc()
         if error is not None:
             self.note_malformed(self.prefill.workers[p_index], error)
-        decision = self.router.choose(RequestView(request.request_id, counts), failed_decode)
-        self.on_routed()
-        m.decision_seconds.observe(time.perf_counter() - started)
-        worker = self.router.pool.workers[decision.worker]
-        m.decisions.labels(self.policy_name, worker.url).inc()
-        if decision.is_fallback:
-            m.fallbacks.labels("malformed" if error else "no_signature").inc()
-        if decision.band:
-            m.band_size.observe(len(decision.band))
-        if decision.similarities is not None:
-            m.similarity.observe(float(decision.similarities[decision.worker]))
         body = dict(request.body)
         params = answer.get("kv_transfer_params") if isinstance(answer, dict) else None
         body["kv_transfer_params"] = strip_payload(params)
-        return decision.worker, body
+        leg = f"{request.request_id}#{next(self._legs)}"
+        decision = self.router.choose(RequestView(leg, counts), failed_decode)
+        try:
+            self.on_routed()
+            m.decision_seconds.observe(time.perf_counter() - started)
+            worker = self.router.pool.workers[decision.worker]
+            m.decisions.labels(self.policy_name, worker.url).inc()
+            if decision.is_fallback:
+                m.fallbacks.labels("malformed" if error else "no_signature").inc()
+            if decision.band:
+                m.band_size.observe(len(decision.band))
+            if decision.similarities is not None:
+                m.similarity.observe(float(decision.similarities[decision.worker]))
+        except BaseException:  # no lease holds the leg yet: release it here
+            self.router.release(leg)
+            raise
+        return decision.worker, body, leg
 
     def note_malformed(self, worker: Worker, error: str) -> None:
         self.metrics.malformed.labels(worker.url).inc()
@@ -244,10 +262,16 @@ class Forwarder:
             log.warning("unusable signature from %s (routing by JSQ; logged once): %s", worker.url, error)
 
     async def run_decode(
-        self, worker: Worker, request: ClientRequest, body: dict[str, Any], headers: dict[str, str]
+        self,
+        worker: Worker,
+        request: ClientRequest,
+        body: dict[str, Any],
+        headers: dict[str, str],
+        leg: str,
     ) -> Reply | StreamReply:
+        # first, before any await: the lease owns the leg's dispatch in the policy from here on
+        lease = Lease(worker, self.metrics, partial(self.router.release, leg))
         is_stream = request.is_stream
-        lease = Lease(worker, self.metrics)
         response: UpstreamResponse | None = None
         loop = asyncio.get_running_loop()
         # decode_timeout_s bounds the wait for the first byte (streams) or the whole answer (JSON)

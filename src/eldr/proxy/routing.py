@@ -5,7 +5,10 @@ Decode: the configured policy over the decode pool. With `eldr`, centroid row w 
 instance (it splits the hottest region of signature space: both are in that region's band and share
 its load by JSQ), removing one deletes its row (its requests go to the next most similar region). With
 online refit on, the recent signatures are re-clustered into one centroid per instance, off the event
-loop, and aligned to the old rows by Hungarian matching (`eldr.policy.refit`).
+loop, and aligned to the old rows by Hungarian matching (`eldr.policy.refit`). With
+`fewest-new-experts` the policy holds every dispatched decode leg's experts until `release` (the
+forwarder's decode lease calls it once, however the leg ends); an added instance starts empty, a
+removed one (only once drained) takes its row with it.
 
 Prefill: least in-flight, or (prefix-hash) a consistent hash of the prompt's first bytes over virtual
 nodes, falling back to least-loaded when the hashed instance is above `load_factor` x the mean load —
@@ -22,7 +25,15 @@ from collections.abc import Callable
 import numpy as np
 
 from eldr.partition import Partition
-from eldr.policy import Decision, LocalityBandPolicy, Policy, RequestView, make_policy
+from eldr.policy import (
+    DEFAULT_LAM,
+    Decision,
+    FewestNewExpertsPolicy,
+    LocalityBandPolicy,
+    Policy,
+    RequestView,
+    make_policy,
+)
 from eldr.policy.base import least_loaded
 from eldr.policy.refit import refit_centroids
 from eldr.proxy.workers import Pool
@@ -41,11 +52,24 @@ class DecodeRouter:
         tau: float,
         seed: int,
         refit_window: int = 0,
+        top_k: int | None = None,
+        lam: float = DEFAULT_LAM,
     ) -> None:
         self.pool = pool
-        self.policy: Policy = make_policy(policy_name, partition=partition, tau=tau, seed=seed)
+        self.policy: Policy = make_policy(
+            policy_name,
+            partition=partition,
+            tau=tau,
+            seed=seed,
+            num_workers=len(pool),
+            top_k=top_k,
+            lam=lam,
+        )
         self.band: LocalityBandPolicy | None = (
             self.policy if isinstance(self.policy, LocalityBandPolicy) else None
+        )
+        self.overlap: FewestNewExpertsPolicy | None = (
+            self.policy if isinstance(self.policy, FewestNewExpertsPolicy) else None
         )
         self.window: deque[FloatArray] = deque(maxlen=max(refit_window, 1))
         self.is_recording = refit_window > 0 and self.band is not None
@@ -53,7 +77,12 @@ class DecodeRouter:
 
     @property
     def num_experts(self) -> int | None:
-        return self.band.transform.num_experts if self.band else None
+        """E of the signatures the policy expects, when it knows (decodes expert ids into counts)."""
+        if self.band is not None:
+            return self.band.transform.num_experts
+        if self.overlap is not None and self.overlap.shape is not None:
+            return self.overlap.shape[1]
+        return None
 
     def choose(self, request: RequestView, excluded: set[int]) -> Decision:
         view = self.pool.view(excluded)
@@ -67,8 +96,15 @@ class DecodeRouter:
             self.since_refit += 1
         return self.band.choose_signature(vec, view)
 
+    def release(self, request_id: str) -> None:
+        """A decode leg routed as `request_id` ended (exactly once per leg; unknown ids: no-op)."""
+        self.policy.release(request_id)
+
     def add_centroid(self) -> None:
-        """Give a just-appended decode instance the busiest instance's centroid."""
+        """Give a just-appended decode instance the busiest instance's centroid (or, for
+        fewest-new-experts, an empty row)."""
+        if self.overlap is not None:
+            self.overlap.add_worker()
         if self.band is None:
             return
         old = self.band.centroids
@@ -78,6 +114,8 @@ class DecodeRouter:
     def remove_centroid(self, index: int) -> None:
         if self.band is not None:
             self.band.centroids = np.delete(self.band.centroids, index, axis=0)
+        if self.overlap is not None:
+            self.overlap.remove_worker(index)
 
     def refit_input(self) -> tuple[FloatArray, FloatArray] | None:
         """(recent signatures, current centroids) when enough were seen; resets the counter."""

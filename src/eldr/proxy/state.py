@@ -34,6 +34,8 @@ class ProxyState:
             )
         self.config = config
         self.partition = partition if config.policy == "eldr" else None
+        # fewest-new-experts: top_k from the config, else from the partition's meta
+        top_k = config.top_k or (partition.top_k if partition is not None else None)
         is_blended = config.load_signal == "blend"
         self.prefill = Pool("prefill", config.prefill, is_blended=is_blended)
         self.decode = Pool("decode", config.decode, is_blended=is_blended)
@@ -46,6 +48,8 @@ class ProxyState:
             tau=config.tau,
             seed=config.seed,
             refit_window=config.refit_window if config.refit_every else 0,
+            top_k=top_k,
+            lam=config.lam,
         )
         self.chooser = PrefillChooser(
             self.prefill,

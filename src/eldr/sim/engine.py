@@ -12,7 +12,8 @@ Request life (all times in seconds):
    running request generates one token per step; the step's distinct experts per recorded layer are
    the union of the running requests' current-token top-k (`tokens.TokenPlan`), and the step lasts
    `StepCost.step_s`. A request finishes at the end of the step that generates its last token; its
-   worker's in-flight count drops by 1 then.
+   worker's in-flight count drops by 1 then, and `policy.release(request_id)` tells the policy (a
+   stateful one forgets the request's experts; every dispatched request is released exactly once).
 
 The first generated token is the decoder's first token (TTFT = its time - arrival) and
 TPOT = (finish - first token) / (output_tokens - 1). Requests with 0 output tokens are dispatched and
@@ -116,6 +117,7 @@ def simulate(
             f"request {worst} needs {int(need[worst])} KV tokens, a worker holds {pool.kv_capacity_tokens}"
         )
     masks, offsets = requests.plan.masks, requests.plan.offsets
+    views = requests.views
     num_layers, num_workers = requests.plan.num_layers, pool.num_workers
     ready = prefill_ready_s(requests.arrival_s, prompt, step_cost)
     order = np.argsort(ready, kind="stable")
@@ -179,6 +181,8 @@ def simulate(
         done = batch[done_mask]
         finish[done] = now
         in_flight[w] -= done.size
+        for i in done.tolist():
+            policy.release(views[i].request_id)
         kv_used[w] -= int(need[done].sum())
         running[w] = batch[~done_mask]
         return int(done.size)
@@ -201,6 +205,7 @@ def simulate(
             chosen[i] = w
             if out[i] == 0:
                 first[i] = finish[i] = now
+                policy.release(views[i].request_id)
                 finished = 1
             else:
                 in_flight[w] += 1

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from eldr.calibration_data import CalibrationData
 from eldr.errors import ConfigError
 from eldr.partition import Partition
-from eldr.policy import DEFAULT_TAU, check_tau
+from eldr.policy import DEFAULT_TAU, FewestNewExpertsPolicy, check_lam, check_tau
 from eldr.sim.costmodel import CostModel, bind
 from eldr.sim.engine import PoolConfig, RunResult, simulate
 from eldr.sim.report import PolicyMetrics, metrics_of
@@ -32,12 +32,15 @@ class Experiment:
     kv_capacity_tokens: int | None = None  # None: the cost model's
     layer_map: str = "nearest"
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    lam: float | None = None  # fewest-new-experts' load weight; None: derived from the cost model
 
     def __post_init__(self) -> None:
         unknown = [name for name in self.policies if name not in SIM_POLICY_NAMES]
         if unknown or not self.policies:
             raise ConfigError(f"unknown policies {unknown}; choose from {', '.join(SIM_POLICY_NAMES)}")
         check_tau(self.tau)
+        if self.lam is not None:
+            check_lam(self.lam)
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ class Outcome:
     metrics: dict[str, PolicyMetrics]
     runs: dict[str, RunResult]
     num_calibration: int
+    lam: float | None = None  # the load weight fewest-new-experts ran with, when it ran
 
 
 def run_experiment(
@@ -72,6 +76,7 @@ def run_experiment(
     )
     metrics: dict[str, PolicyMetrics] = {}
     runs: dict[str, RunResult] = {}
+    lam: float | None = None
     for name in experiment.policies:
         policy = build_policy(
             name,
@@ -81,11 +86,16 @@ def run_experiment(
             seed=experiment.workload.seed,
             is_balanced=experiment.is_balanced,
             partition=partition,
+            step_cost=step_cost,
+            lam=experiment.lam,
+            output_tokens=experiment.workload.output_tokens,
         )
+        if isinstance(policy, FewestNewExpertsPolicy):
+            lam = policy.lam
         progress = on_policy(name, requests.num_requests) if on_policy is not None else None
         runs[name] = simulate(requests, policy, step_cost, pool, progress)
         metrics[name] = metrics_of(runs[name])
-    return Outcome(metrics, runs, cal.num_requests)
+    return Outcome(metrics, runs, cal.num_requests, lam)
 
 
 def check_policies(names: Sequence[str]) -> tuple[str, ...]:

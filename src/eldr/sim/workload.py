@@ -4,8 +4,11 @@ Calibration requests (what `eldr` and `domain` are fitted on) come from, in orde
 `--calibration FILE` (a trace or a CAL.npz), the trace's boolean `calibration` flags, or its first
 `num_calibration` requests. Requests used for calibration are never measured.
 
-Besides `eldr.policy.POLICY_NAMES` (what `eldr serve` accepts), the simulator runs the paper's signature
-ablations (`ABLATION_POLICIES`): `eldr` fitted on the same calibration set with one ingredient off.
+Besides `eldr.policy.POLICY_NAMES`, the simulator runs the paper's signature ablations
+(`ABLATION_POLICIES`): `eldr` fitted on the same calibration set with one ingredient off.
+`fewest-new-experts` needs no fitting: it weighs the trace's recorded layers by the model layers each
+stands for (the cost model's layer map) and, unless `lam` is given, takes the load weight the cost
+model implies for the calibration set's mean context (`overlap_lam`).
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ from eldr.calibration_data import CalibrationData
 from eldr.errors import ConfigError, InvalidInputError
 from eldr.partition import Partition
 from eldr.policy import (
+    FEWEST_NEW_EXPERTS,
     LOAD_BALANCERS,
     POLICY_NAMES,
     DomainPolicy,
+    FewestNewExpertsPolicy,
     LocalityBandPolicy,
     OraclePolicy,
     Policy,
@@ -31,6 +36,8 @@ from eldr.policy import (
     make_policy,
 )
 from eldr.policy.domain import label_counts_of
+from eldr.policy.expert_overlap import lam_of
+from eldr.sim.costmodel import StepCost
 from eldr.sim.engine import Requests
 from eldr.sim.tokens import SAMPLERS, TokenPlan, replay_plan, sample_plan, subset_plan
 from eldr.trace.format import Trace
@@ -180,6 +187,59 @@ def fit_for(
     return fit_partition(counts, config, decode_counts=cal.decode_counts, top_k=cal.top_k)
 
 
+def mean_context_tokens(cal: CalibrationData, output_tokens: int | None) -> float:
+    """Mean context of a decoding request: calibration prompt tokens + half the output tokens
+    (`output_tokens`, else the calibration requests' mean decode tokens)."""
+    if cal.top_k is None:
+        raise InvalidInputError(f"the {FEWEST_NEW_EXPERTS} policy needs top_k (the trace's or CAL.npz's)")
+    prompt = float(cal.prefill_counts[:, 0].sum(axis=-1).mean()) / cal.top_k  # each layer sums to T k
+    if output_tokens is not None:
+        out = float(output_tokens)
+    elif cal.decode_counts is not None:
+        out = float(cal.decode_counts[:, 0].sum(axis=-1).mean()) / cal.top_k
+    else:
+        out = 0.0
+    return prompt + out / 2
+
+
+def overlap_lam(step_cost: StepCost, context_tokens: float) -> float:
+    """`fewest-new-experts`' load weight implied by a bound cost model (`expert_overlap` docstring)."""
+    m = step_cost.model
+    return lam_of(
+        per_request_s=m.per_request_s,
+        attn_per_token_s=m.attn_per_token_s,
+        per_expert_s=m.per_expert_s,
+        expert_scale=step_cost.expert_scale,
+        context=context_tokens,
+    )
+
+
+def overlap_policy(
+    cal: CalibrationData,
+    num_workers: int,
+    step_cost: StepCost,
+    *,
+    seed: int,
+    lam: float | None = None,
+    output_tokens: int | None = None,
+) -> FewestNewExpertsPolicy:
+    """`fewest-new-experts` for a simulated pool: layers weighed by the layer map, lam derived unless
+    given."""
+    if lam is None:
+        lam = overlap_lam(step_cost, mean_context_tokens(cal, output_tokens))
+    if cal.top_k is None:
+        raise InvalidInputError(f"the {FEWEST_NEW_EXPERTS} policy needs top_k (the trace's or CAL.npz's)")
+    num_layers, num_experts = cal.prefill_counts.shape[1:]
+    return FewestNewExpertsPolicy(
+        num_workers,
+        cal.top_k,
+        lam=lam,
+        layer_weights=step_cost.layer_weights,
+        shape=(int(num_layers), int(num_experts)),
+        seed=seed,
+    )
+
+
 def build_policy(
     name: str,
     cal: CalibrationData,
@@ -189,13 +249,21 @@ def build_policy(
     seed: int,
     is_balanced: bool = True,
     partition: Partition | None = None,
+    step_cost: StepCost | None = None,
+    lam: float | None = None,
+    output_tokens: int | None = None,
 ) -> Policy:
     """The policy `name`, fitted on the calibration set where it needs fitting.
 
     `partition` replaces the fitted one for `eldr` only; the ablations are always fitted here.
+    `fewest-new-experts` needs `step_cost` (and takes `lam`, `output_tokens`: `overlap_policy`).
     """
     if name in LOAD_BALANCERS:
         return make_policy(name, seed=seed)
+    if name == FEWEST_NEW_EXPERTS:
+        if step_cost is None:
+            raise ConfigError(f"the {name} policy needs the bound cost model (step_cost)")
+        return overlap_policy(cal, num_workers, step_cost, seed=seed, lam=lam, output_tokens=output_tokens)
     if name == "eldr":
         part = partition or fit_for("eldr", cal, num_workers, is_balanced=is_balanced)
         return LocalityBandPolicy(part, tau=tau, seed=seed)

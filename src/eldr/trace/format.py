@@ -16,6 +16,9 @@ Optional: `domain` [N] str, `calibration` [N] bool (requests reserved for fittin
 choices: request i owns rows offsets[i]:offsets[i + 1], as many as its output tokens, and they sum to
 its decode_counts), `text_offset` [N] int (where the request's prompt starts in its source text, for
 builders that cut requests from texts), `meta` 0-d JSON string (source, attribution, builder settings).
+
+`Trace.load` reads only the arrays above, checks ranks and dtypes from the `.npy` headers and the memory
+budget before decompressing anything (`eldr.npzfile`, docs/limits.md), then every value rule below.
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from eldr.errors import InputFileError, InvalidInputError
-from eldr.npzfile import read_meta, read_npz
+from eldr.atomicfile import atomic_write
+from eldr.errors import InvalidInputError
+from eldr.limits import MAX_LENGTH, MAX_REQUESTS
+from eldr.npzfile import ArraySpec, read_meta, read_npz, scalar_int, whole_numbers
 from eldr.signature import as_counts
 
 CHECK_ROWS = 262_144  # decode_topk rows per chunk when checking them against decode_counts
@@ -44,6 +49,23 @@ REQUIRED = (
     "layers",
     "num_model_layers",
 )
+ARRAYS = (
+    ArraySpec("prefill_counts", 3, "biuf"),
+    ArraySpec("decode_counts", 3, "biuf"),
+    ArraySpec("prompt_tokens", 1, "iuf"),
+    ArraySpec("output_tokens", 1, "iuf"),
+    ArraySpec("arrival_s", 1, "iuf"),
+    ArraySpec("top_k", 0, "iuf"),
+    ArraySpec("layers", 1, "iuf"),
+    ArraySpec("num_model_layers", 0, "iuf"),
+    ArraySpec("domain", 1, "US", is_required=False),
+    ArraySpec("calibration", 1, "b", is_required=False),
+    ArraySpec("decode_topk", 3, "iu", is_required=False),
+    ArraySpec("decode_offsets", 1, "iu", is_required=False),
+    ArraySpec("text_offset", 1, "iu", is_required=False),
+    ArraySpec("meta", 0, "U", is_required=False),
+)
+EXACT_DECODE = ("decode_topk", "decode_offsets")
 
 
 @dataclass(frozen=True)
@@ -83,63 +105,72 @@ class Trace:
             name: getattr(self, name) for name in (*REQUIRED, *OPTIONAL) if getattr(self, name) is not None
         }
         arrays["meta"] = np.asarray(json.dumps(self.meta, sort_keys=True))
-        with open(path, "wb") as fh:
+        with atomic_write(path, "trace") as fh:
             np.savez_compressed(fh, **arrays)
 
     @classmethod
-    def load(cls, path: str | Path) -> Trace:
-        arrays = read_npz(path, "trace")
-        missing = [name for name in REQUIRED if name not in arrays]
-        if missing:
-            raise InputFileError(f"{path} is not an eldr trace: missing {missing}")
+    def load(cls, path: str | Path, *, with_exact_decode: bool = True) -> Trace:
+        """Read and check a trace; `with_exact_decode=False` leaves decode_topk/decode_offsets unread."""
+        specs = ARRAYS if with_exact_decode else tuple(a for a in ARRAYS if a.name not in EXACT_DECODE)
+        arrays = read_npz(path, "trace", specs)
         meta = read_meta(arrays, path)
         arrays.pop("meta", None)
-        for name in ("top_k", "num_model_layers"):
-            if arrays[name].shape not in ((), (1,)):
-                raise InputFileError(f"{path}: {name} must be a scalar, got shape {arrays[name].shape}")
-        known = set(REQUIRED) | set(OPTIONAL)
-        kwargs: dict[str, Any] = {name: value for name, value in arrays.items() if name in known}
+        where = f"{path}: "
+        num_layers = max(int(arrays["prefill_counts"].shape[1]), 1)
+        kwargs: dict[str, Any] = {
+            **arrays,
+            "top_k": scalar_int(arrays["top_k"], "top_k", where, low=1, high=MAX_LENGTH),
+            "num_model_layers": scalar_int(
+                arrays["num_model_layers"], "num_model_layers", where, low=num_layers, high=MAX_LENGTH
+            ),
+            "arrival_s": arrays["arrival_s"].astype(np.float64),
+        }
+        for name, low in (("prompt_tokens", 1), ("output_tokens", 0), ("layers", 0)):
+            kwargs[name] = whole_numbers(arrays[name], name, where, low=low, high=MAX_LENGTH)
+        if "domain" in arrays and arrays["domain"].dtype.kind == "S":
+            try:
+                kwargs["domain"] = np.char.decode(arrays["domain"], "utf-8").astype(str)
+            except UnicodeDecodeError as exc:
+                raise InvalidInputError(f"{where}domain is not UTF-8 text: {exc.reason}") from exc
         try:
-            return cls(
-                **{
-                    **kwargs,
-                    "top_k": int(kwargs["top_k"]),
-                    "num_model_layers": int(kwargs["num_model_layers"]),
-                    "prompt_tokens": kwargs["prompt_tokens"].astype(np.int64),
-                    "output_tokens": kwargs["output_tokens"].astype(np.int64),
-                    "arrival_s": kwargs["arrival_s"].astype(np.float64),
-                    "layers": kwargs["layers"].astype(np.int64),
-                },
-                meta=meta,
-            )
-        except (TypeError, ValueError) as exc:
-            if isinstance(exc, InvalidInputError):
-                raise InvalidInputError(f"{path}: {exc}") from exc
-            raise InputFileError(f"{path} is not a valid eldr trace: {exc}") from exc
+            return cls(**kwargs, meta=meta)
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"{where}{exc}") from exc
 
 
 def validate(trace: Trace) -> None:
     """Raise `InvalidInputError` naming the first problem of a trace."""
     prefill = as_counts(trace.prefill_counts, name="prefill_counts", ndim=3)
     decode = as_counts(trace.decode_counts, name="decode_counts", ndim=3)
-    n, num_layers, _ = prefill.shape
+    n, num_layers, num_experts = prefill.shape
+    if n > MAX_REQUESTS:
+        raise InvalidInputError(f"a trace holds at most {MAX_REQUESTS} requests, this one {n}")
     if decode.shape != prefill.shape:
         raise InvalidInputError(f"decode_counts {decode.shape} differs from prefill_counts {prefill.shape}")
     for name in ("prompt_tokens", "output_tokens", "arrival_s"):
         arr = getattr(trace, name)
         if arr.shape != (n,):
             raise InvalidInputError(f"{name} has shape {arr.shape}, expected ({n},)")
+    for name in ("prompt_tokens", "output_tokens", "layers"):
+        if getattr(trace, name).dtype.kind not in "iu":
+            raise InvalidInputError(f"{name} must hold integers, got dtype {getattr(trace, name).dtype}")
     if np.any(trace.prompt_tokens < 1) or np.any(trace.output_tokens < 0):
         raise InvalidInputError("prompt_tokens must be >= 1 and output_tokens >= 0")
+    if max(int(trace.prompt_tokens.max()), int(trace.output_tokens.max())) > MAX_LENGTH:
+        raise InvalidInputError(f"prompt_tokens and output_tokens must be <= {MAX_LENGTH}")
+    if trace.arrival_s.dtype.kind not in "iuf":
+        raise InvalidInputError(f"arrival_s must hold numbers, got dtype {trace.arrival_s.dtype}")
     if not np.all(np.isfinite(trace.arrival_s)) or np.any(np.diff(trace.arrival_s) < 0):
         raise InvalidInputError("arrival_s must be finite and sorted ascending")
-    if trace.top_k < 1:
-        raise InvalidInputError(f"top_k must be >= 1, got {trace.top_k}")
+    if not 1 <= trace.top_k <= num_experts:
+        raise InvalidInputError(f"top_k must lie in [1, E={num_experts}], got {trace.top_k}")
     if trace.layers.shape != (num_layers,):
         raise InvalidInputError(f"layers has shape {trace.layers.shape}, expected ({num_layers},)")
+    if np.any(trace.layers < 0) or np.unique(trace.layers).size != num_layers:
+        raise InvalidInputError(f"layers must be distinct layer ids >= 0, got {trace.layers.tolist()[:20]}")
     if trace.num_model_layers < num_layers or np.any(trace.layers >= trace.num_model_layers):
         raise InvalidInputError(
-            f"layers {trace.layers.tolist()} do not fit a model of {trace.num_model_layers} layers"
+            f"layers {trace.layers.tolist()[:20]} do not fit a model of {trace.num_model_layers} layers"
         )
     for name in ("domain", "calibration", "text_offset"):
         arr = getattr(trace, name)

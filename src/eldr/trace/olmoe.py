@@ -34,6 +34,9 @@ import numpy.typing as npt
 
 from eldr import __version__
 from eldr.errors import ConfigError, InputFileError, InvalidInputError
+from eldr.inputfile import read_text
+from eldr.limits import MAX_BYTES_ENV, MAX_VOCAB, max_bytes
+from eldr.npzfile import ArraySpec, read_npz
 from eldr.trace.format import Trace
 from eldr.trace.sampling import systematic_topk
 from eldr.trace.workload import AZURE_KINDS, AzureTrace, allocate, load_azure, poisson_arrivals, replay_rows
@@ -44,6 +47,12 @@ LAYERS = (0, 7, 15)
 NUM_MODEL_LAYERS = 16
 NUM_EXPERTS = 64
 TOP_K = 8
+# the routing file's arrays, per recorded layer: [R] token id, expert id and count of each record
+ROUTING_ARRAYS = tuple(
+    ArraySpec(f"layer{layer}_{name}", 1, "iu", is_required=False)
+    for layer in LAYERS
+    for name in ("token_id", "expert_id", "count")
+)
 # the paper's Task workload sizes (legal 3600, code 2779, math 2744, medical 2545) given to our four
 # domains: the biggest to books, code to GitHub, math to arXiv, the smallest to Wikipedia
 PAPER_MIX = (("book", 3600.0), ("github", 2779.0), ("arxiv", 2744.0), ("wikipedia", 2545.0))
@@ -132,6 +141,12 @@ def routing_probabilities(
     """
     if np.any(token_ids < 0) or np.any(expert_ids < 0) or np.any(expert_ids >= num_experts):
         raise InputFileError("routing file holds out-of-range token or expert ids")
+    if token_ids.shape != expert_ids.shape or token_ids.shape != counts.shape:
+        raise InputFileError("routing file's token_id, expert_id and count arrays differ in length")
+    if token_ids.size and int(token_ids.max()) >= MAX_VOCAB:
+        raise InputFileError(f"routing file holds token ids >= {MAX_VOCAB} (docs/limits.md)")
+    if np.any(counts < 0):
+        raise InputFileError("routing file holds negative counts")
     size = max(vocab_size, int(token_ids.max()) + 1 if token_ids.size else 0)
     table = np.zeros((size, num_experts), dtype=np.float64)
     np.add.at(table, (token_ids, expert_ids), counts)
@@ -198,12 +213,11 @@ def read_domain(data_dir: Path, domain: str) -> tuple[str, dict[str, npt.NDArray
     """
     text_path = data_dir / "olmoe" / "text" / f"{domain}.txt"
     routing_path = data_dir / "olmoe" / f"token_routing_{domain}.npz"
-    try:
-        text = text_path.read_text(encoding="utf-8")
-        with np.load(routing_path, allow_pickle=False) as data:
-            return text, {name: data[name] for name in data.files}
-    except (OSError, ValueError) as exc:
-        raise InputFileError(f"cannot read OLMoE data for {domain}: {exc}") from exc
+    budget = max_bytes()
+    text = read_text(text_path, f"OLMoE text for {domain}", max_bytes=budget, limit_name=MAX_BYTES_ENV)
+    return text, read_npz(
+        routing_path, f"OLMoE routing file for {domain}", ROUTING_ARRAYS, budget_bytes=budget
+    )
 
 
 def route_text(

@@ -8,6 +8,7 @@ at random) or the rows' own timestamps replayed in order (consecutive rows, tile
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import numpy as np
 import numpy.typing as npt
 
 from eldr.errors import InputFileError, InvalidInputError
+from eldr.inputfile import read_text
+from eldr.limits import MAX_BYTES_ENV, max_bytes
 
 AZURE_KINDS = ("conv", "code")
 
@@ -32,10 +35,10 @@ class AzureTrace:
 
 def load_azure(path: str | Path) -> AzureTrace:
     """Read one Azure 2023 CSV; a missing or malformed file raises `InputFileError`."""
+    text = read_text(path, "Azure trace", max_bytes=max_bytes(), limit_name=MAX_BYTES_ENV)
     try:
-        with open(path, newline="", encoding="utf-8") as fh:
-            rows = list(csv.reader(fh))
-    except OSError as exc:
+        rows = list(csv.reader(io.StringIO(text, newline="")))
+    except csv.Error as exc:
         raise InputFileError(f"cannot read Azure trace {path}: {exc}") from exc
     if not rows or rows[0][:3] != ["TIMESTAMP", "ContextTokens", "GeneratedTokens"]:
         raise InputFileError(f"{path} is not an Azure 2023 trace (header TIMESTAMP,ContextTokens,...)")

@@ -78,10 +78,9 @@ def test_simulate_cli_json(small_trace: Trace, tmp_path: Path, capsys: pytest.Ca
     [
         (["--trace", "/nonexistent.npz"], "cannot read trace"),
         (["--policies", "rr,bogus"], "unknown policies"),
-        (["--rate", "-1"], "rate must be > 0"),
         (["--decode", "replay"], "decode_topk"),
     ],
-    ids=["missing-file", "bad-policy", "bad-rate", "replay-without-data"],
+    ids=["missing-file", "bad-policy", "replay-without-data"],
 )
 def test_simulate_cli_bad_input(
     small_trace: Trace, tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str

@@ -71,8 +71,9 @@ def test_info_on_invalid_values_is_exit_2(
     )
     assert main(["trace", "info", str(path)]) == 2
     assert "arrival_s must be finite and sorted" in capsys.readouterr().err
-    assert main(["trace", "info", str(path), "--batch-sizes", "x"]) == 2
-    assert "--batch-sizes" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # flags are checked when parsed, before the file is read
+        main(["trace", "info", str(path), "--batch-sizes", "x"])
+    assert exc.value.code == 2 and "--batch-sizes" in capsys.readouterr().err
 
 
 def test_build_then_info(fake_data: FakeData, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,0 +1,99 @@
+"""Output files written atomically: a temporary file in the target's folder, fsync, then rename.
+
+Readers never see a half-written file, and a write that fails part-way (disk full, file-size limit, an
+error while producing the data) leaves the previous file exactly as it was and no temporary file
+behind. Commands call `check_output_path` before their work starts, so a bad `--out` costs nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+from eldr.errors import EldrError, OutputFileError
+
+
+def check_output_path(path: str | Path, what: str) -> Path:
+    """`path` as a Path if a file can be written there: its folder exists and is writable, and the
+    path is not a folder, device or FIFO. Otherwise `OutputFileError`."""
+    text = os.fspath(path)
+    target = Path(text)
+    if not text or target.name in ("", ".", "..") or text.endswith(os.sep):
+        raise OutputFileError(f"{what} path {text!r} is not a file name")
+    folder = target.parent
+    if not folder.is_dir():
+        raise OutputFileError(f"cannot write {what} {text}: folder {folder} does not exist")
+    try:
+        mode = os.stat(target).st_mode
+    except FileNotFoundError:
+        mode = None
+    except (OSError, ValueError) as exc:
+        raise OutputFileError(f"cannot write {what} {text}: {exc}") from exc
+    if mode is not None and not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+        raise OutputFileError(f"cannot write {what} {text}: it is {kind}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputFileError(f"cannot write {what} {text}: folder {folder} is not writable")
+    return target
+
+
+def _new_file_mode(target: Path) -> int:
+    try:
+        return stat.S_IMODE(os.stat(target).st_mode)  # replacing a file keeps its permissions
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+@contextmanager
+def atomic_path(path: str | Path, what: str) -> Iterator[Path]:
+    """A temporary path beside `path` (same suffix) to write; on success it replaces `path`."""
+    target = check_output_path(path, what)
+    try:
+        fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=target.suffix)
+        os.close(fd)
+    except OSError as exc:
+        raise OutputFileError(f"cannot write {what} {target}: {exc.strerror or exc}") from exc
+    temp = Path(name)
+    try:
+        yield temp
+        with open(temp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.chmod(temp, _new_file_mode(target))
+        os.replace(temp, target)
+    except BaseException as exc:
+        temp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not isinstance(exc, EldrError):
+            raise OutputFileError(
+                f"cannot write {what} {target}: {exc.strerror or exc} (any previous file is unchanged)"
+            ) from exc
+        raise
+    _sync_folder(target.parent)
+
+
+@contextmanager
+def atomic_write(path: str | Path, what: str) -> Iterator[BinaryIO]:
+    """A binary file object to write; on success its content replaces `path` atomically."""
+    with atomic_path(path, what) as temp, open(temp, "wb") as fh:
+        yield fh
+        fh.flush()
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make the rename durable (best effort: some filesystems cannot fsync a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
