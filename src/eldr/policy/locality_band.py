@@ -54,16 +54,16 @@ def band_members(
     """Healthy workers within `tau` of the best healthy similarity (runner-up added when tau > 0)."""
     sims = similarities if healthy.all() else np.where(healthy, similarities, -np.inf)
     top = int(sims.argmax())
-    best = sims[top]
+    best = float(sims[top])
     if best == -np.inf:
         raise NoHealthyWorkerError("no healthy decode worker")
-    members = np.flatnonzero(sims >= best - tau - SIMILARITY_TIE)
+    members = np.flatnonzero(sims >= best - (tau + SIMILARITY_TIE))
     if tau > 0 and members.size == 1 and sims.size > 1:
         rest = sims.copy()
         rest[top] = -np.inf
-        runner_up = rest.max()
+        runner_up = float(rest.max())
         if runner_up > -np.inf:
-            second = int(np.flatnonzero(rest >= runner_up - SIMILARITY_TIE)[0])  # ties: the lower index
+            second = int((rest >= runner_up - SIMILARITY_TIE).argmax())  # first of the tied: lower index
             members = np.array([top, second] if top < second else [second, top], dtype=np.int64)
     return members
 
@@ -79,7 +79,7 @@ def pick_in_band(
     if lightest.size == 1:
         return int(lightest[0])
     sims = similarities[lightest]
-    return int(lightest[np.flatnonzero(sims >= sims.max() - SIMILARITY_TIE)[0]])
+    return int(lightest[(sims >= float(sims.max()) - SIMILARITY_TIE).argmax()])  # first of the tied
 
 
 class LocalityBandPolicy(StatelessPolicy):
@@ -149,7 +149,9 @@ class LocalityBandPolicy(StatelessPolicy):
         return Decision(least_loaded(workers.healthy_indices(), workers, self._rng), is_fallback=True)
 
     def _decide(self, sims: FloatArray, workers: WorkersView) -> Decision:
-        np.clip(sims, -1.0, 1.0, out=sims)  # float rounding can exceed 1 by ~1e-7; tau >= 1 must mean JSQ
+        # float rounding can leave [-1, 1] by ~1e-7; tau >= 1 must mean JSQ (np.clip costs twice this)
+        np.minimum(sims, 1.0, out=sims)
+        np.maximum(sims, -1.0, out=sims)
         members = band_members(sims, workers.healthy, self.tau)
         worker = pick_in_band(members, sims, workers.in_flight)
         return Decision(worker, similarities=sims, band=tuple(members.tolist()))
