@@ -44,7 +44,7 @@ from eldr.sim.report import PolicyMetrics, metrics_of
 from eldr.sim.workload import mean_context_tokens, overlap_lam, overlap_policy
 from eldr.trace.format import Trace
 from provenance import commit, machine
-from sweeps import Bench
+from sweeps import Bench, policy_table
 
 ROOT = Path(__file__).resolve().parent.parent
 FNE = FEWEST_NEW_EXPERTS
@@ -146,19 +146,6 @@ def no_harm(cell: dict[str, Any], name: str) -> dict[str, float]:
     }
 
 
-def policy_rows(cell: dict[str, Any]) -> list[str]:
-    lines = [
-        "| policy | TPOT p50 ms | TPOT p99 ms | TTFT p50 ms | experts/step | batch | imbalance |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name, m in cell.items():
-        lines.append(
-            f"| {name} | {m['tpot_p50_ms']:.2f} | {m['tpot_p99_ms']:.2f} | {m['ttft_p50_ms']:.1f} | "
-            f"{m['distinct_experts_per_step']:.1f} | {m['mean_batch']:.1f} | {m['load_imbalance']:.3f} |"
-        )
-    return lines
-
-
 def gain_rows(cell: dict[str, Any], names: tuple[str, ...] = ("eldr", "oracle", FNE)) -> list[str]:
     lines = [
         "| policy | vs | median TPOT | P99 TPOT | experts/step | experts/step vs rr |",
@@ -233,7 +220,7 @@ def main() -> int:
         results[f"headline {label}"] = {"lam": lam, "policies": cell}
         md += [f"## Headline, {label}: 16 decoders, 60 req/s, medians over seeds 0-2", ""]
         md += [f"lam (derived) = {lam:.2f} expert-layer reads per in-flight request", ""]
-        md += [*policy_rows(cell), "", *gain_rows(cell), ""]
+        md += [*policy_table(cell), "", *gain_rows(cell), ""]
         md += [
             "lam sensitivity (same seeds):",
             "",
@@ -310,7 +297,7 @@ def main() -> int:
             "within_2pct": is_ok,
         }
         md += [f"## No domain structure: {label}; 16 decoders, 60 req/s, 512-token outputs, seed 0", ""]
-        md += [*policy_rows(cell), "", *gain_rows(cell, ("eldr", FNE)), ""]
+        md += [*policy_table(cell), "", *gain_rows(cell, ("eldr", FNE)), ""]
         md += [
             f"fewest-new-experts within {NO_HARM_PCT:g}% of the best load balancer at median and at P99 "
             f"(each against the load balancer best at that metric): **{'yes' if is_ok else 'no'}** "

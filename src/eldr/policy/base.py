@@ -7,13 +7,14 @@ global state.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-from eldr.errors import InvalidInputError, NoHealthyWorkerError
+from eldr.errors import ConfigError, InvalidInputError, NoHealthyWorkerError
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,17 @@ class StatelessPolicy:
 
     def release(self, request_id: str) -> None:
         return None
+
+
+def check_weight(name: str, value: float) -> float:
+    """A policy parameter (tau, lam) as a float if it is finite and >= 0, else a ConfigError naming it."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{name} must be a number, got {value!r}") from exc
+    if not (math.isfinite(number) and number >= 0.0):
+        raise ConfigError(f"{name} must be finite and >= 0, got {value!r}")
+    return number
 
 
 def least_loaded(candidates: npt.NDArray[np.int64], workers: WorkersView, rng: np.random.Generator) -> int:

@@ -59,13 +59,11 @@ requests (`DuplicateRequestError`); `release` of an unknown or released id does 
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import numpy.typing as npt
 
 from eldr.errors import ConfigError, DuplicateRequestError, NoHealthyWorkerError, PartitionMismatchError
-from eldr.policy.base import Decision, RequestView, WorkersView, least_loaded
+from eldr.policy.base import Decision, RequestView, WorkersView, check_weight, least_loaded
 
 F64 = npt.NDArray[np.float64]
 F32 = npt.NDArray[np.float32]
@@ -84,14 +82,8 @@ DEFAULT_LAM = 2 * 98_304 * DEFAULT_CONTEXT_TOKENS / (3 * 2048 * 768 * 2)
 
 
 def check_lam(lam: float) -> float:
-    """`lam` as a float if it is a valid load weight (finite, >= 0), else a ConfigError."""
-    try:
-        value = float(lam)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"lam must be a number, got {lam!r}") from exc
-    if not (math.isfinite(value) and value >= 0.0):
-        raise ConfigError(f"lam must be finite and >= 0, got {lam!r}")
-    return value
+    """`lam` as a float if it is finite and >= 0, else a ConfigError."""
+    return check_weight("lam", lam)
 
 
 def lam_of(

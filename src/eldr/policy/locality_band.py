@@ -19,14 +19,12 @@ Similarities within SIMILARITY_TIE (1e-6) of each other count as equal everywher
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import numpy.typing as npt
 
-from eldr.errors import ConfigError, NoHealthyWorkerError, PartitionMismatchError
+from eldr.errors import NoHealthyWorkerError, PartitionMismatchError
 from eldr.partition import Partition
-from eldr.policy.base import Decision, RequestView, StatelessPolicy, WorkersView, least_loaded
+from eldr.policy.base import Decision, RequestView, StatelessPolicy, WorkersView, check_weight, least_loaded
 from eldr.signature import FloatArray, SignatureTransform
 from eldr.similarity import CentroidSimilarity
 
@@ -38,14 +36,8 @@ SIMILARITY_TIE = 1e-6
 
 
 def check_tau(tau: float) -> float:
-    """`tau` as a float if it is a valid band width (finite, >= 0), else a ConfigError."""
-    try:
-        value = float(tau)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"tau must be a number, got {tau!r}") from exc
-    if not (math.isfinite(value) and value >= 0.0):
-        raise ConfigError(f"tau must be finite and >= 0, got {tau!r}")
-    return value
+    """`tau` as a float if it is finite and >= 0, else a ConfigError."""
+    return check_weight("tau", tau)
 
 
 def band_members(
