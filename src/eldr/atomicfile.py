@@ -25,6 +25,7 @@ def check_output_path(path: str | Path, what: str) -> Path:
     target = Path(text)
     if not text or target.name in ("", ".", "..") or text.endswith(os.sep):
         raise OutputFileError(f"{what} path {text!r} is not a file name")
+    target = Path(os.path.realpath(target))  # a symlink is written through, never replaced by a file
     folder = target.parent
     if not folder.is_dir():
         raise OutputFileError(f"cannot write {what} {text}: folder {folder} does not exist")
@@ -37,6 +38,8 @@ def check_output_path(path: str | Path, what: str) -> Path:
     if mode is not None and not stat.S_ISREG(mode):
         kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
         raise OutputFileError(f"cannot write {what} {text}: it is {kind}")
+    if mode is not None and not os.access(target, os.W_OK):
+        raise OutputFileError(f"cannot write {what} {text}: the file is read-only")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OutputFileError(f"cannot write {what} {text}: folder {folder} is not writable")
     return target
@@ -55,20 +58,19 @@ def _new_file_mode(target: Path) -> int:
 def atomic_path(path: str | Path, what: str) -> Iterator[Path]:
     """A temporary path beside `path` (same suffix) to write; on success it replaces `path`."""
     target = check_output_path(path, what)
+    temp: Path | None = None
     try:
         fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=target.suffix)
+        temp = Path(name)
         os.close(fd)
-    except OSError as exc:
-        raise OutputFileError(f"cannot write {what} {target}: {exc.strerror or exc}") from exc
-    temp = Path(name)
-    try:
         yield temp
         with open(temp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.chmod(temp, _new_file_mode(target))
         os.replace(temp, target)
     except BaseException as exc:
-        temp.unlink(missing_ok=True)
+        if temp is not None:
+            temp.unlink(missing_ok=True)
         if isinstance(exc, OSError) and not isinstance(exc, EldrError):
             raise OutputFileError(
                 f"cannot write {what} {target}: {exc.strerror or exc} (any previous file is unchanged)"

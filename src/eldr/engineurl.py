@@ -2,8 +2,9 @@
 
 An engine URL is `http(s)://host[:port]` with nothing after the optional '/'. Two URLs name the same
 engine when their `url_identity` agrees: scheme and host compared without case, a trailing dot or
-slash, the default port written out (80 / 443), and every loopback name (`localhost`, `127.0.0.1`,
-`::1`, ...) counted as one host.
+slash, the default port written out (80 / 443), an IPv4-mapped IPv6 address as its IPv4 form, and
+`localhost` as `127.0.0.1`. Other loopback addresses stay distinct: servers bound to 127.0.0.1,
+127.0.0.2 and ::1 on one port are three engines.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def url_identity(url: str) -> str:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
     if address is not None:
-        host = "loopback" if address.is_loopback else address.compressed
+        host = address.compressed  # 127.0.0.1, 127.0.0.2 and ::1 can be three different servers
     elif host == "localhost" or host.endswith(".localhost"):
-        host = "loopback"
+        host = "127.0.0.1"  # what localhost resolves to here (and what a test engine binds)
     return f"{scheme}://{host}:{parts.port or DEFAULT_PORTS[scheme]}"

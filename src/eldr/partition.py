@@ -142,6 +142,8 @@ class Partition:
                 f"{where}worker_of must be a permutation of 0..{centroids.shape[0] - 1}, one per centroid"
             )
         top_k = meta.get("top_k")
+        if type(top_k) is float and top_k.is_integer():  # other producers may write 8.0
+            top_k = int(top_k)
         if top_k is not None and (type(top_k) is not int or not 1 <= top_k <= idf.shape[1]):
             raise InvalidInputError(f"{where}meta top_k must be null or an integer in [1, E], got {top_k!r}")
         try:

@@ -245,7 +245,9 @@ def simulate_and_report(args: argparse.Namespace, trace: Any, trace_name: str) -
         num_calibration = int(trace.calibration.sum())
     else:
         num_calibration = min(args.num_calibration, trace.num_requests)
-    check_fit_size(num_calibration, experiment.num_workers, max_bytes())
+    fitted = {"oracle", "eldr-raw", "eldr-all-layers"} | ({"eldr"} if args.partition is None else set())
+    if experiment.is_balanced and fitted & set(experiment.policies):  # only what is fitted, balanced
+        check_fit_size(num_calibration, experiment.num_workers, max_bytes())
     partition = Partition.load(args.partition) if args.partition else None
     if partition is not None:
         partition.check_fits(

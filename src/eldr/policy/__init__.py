@@ -72,5 +72,8 @@ def make_policy(
         k = top_k or (partition.top_k if partition is not None else None)
         if num_workers is None or not k:
             raise ConfigError(f"the {name} policy needs the number of decode workers and top_k")
-        return FewestNewExpertsPolicy(num_workers, k, lam=lam, seed=seed)
+        # a partition fixes L x E up front (what turns vLLM's own expert ids into counts); without one
+        # the first usable signature does
+        shape = None if partition is None else (partition.num_layers, partition.num_experts)
+        return FewestNewExpertsPolicy(num_workers, k, lam=lam, seed=seed, shape=shape)
     raise ConfigError(f"unknown policy {name!r}; choose one of {', '.join(SERVE_POLICIES)}")

@@ -127,8 +127,12 @@ class Forwarder:
         self.policy_name = config.policy
         self.on_routed: Callable[[], None] = _nothing  # called after each decision (refit trigger)
         self._legs = itertools.count()  # numbers the decode legs: the policy's request ids
-        band = router.band
-        self.expected_shape = (band.transform.num_layers, band.transform.num_experts) if band else None
+        band, overlap = router.band, router.overlap
+        self.expected_shape = (  # signatures of another shape are counted as malformed
+            (band.transform.num_layers, band.transform.num_experts)
+            if band
+            else (overlap.shape if overlap is not None else None)
+        )
 
     def headers(self, request: ClientRequest, request_id: str) -> dict[str, str]:
         headers = {"Content-Type": "application/json", "X-Request-Id": request_id}

@@ -11,6 +11,7 @@ import logging
 
 from eldr.errors import PartitionMismatchError
 from eldr.partition import Partition
+from eldr.policy import FEWEST_NEW_EXPERTS
 from eldr.proxy.admission import Admission
 from eldr.proxy.config import ServeConfig
 from eldr.proxy.forwarding import Forwarder
@@ -33,7 +34,8 @@ class ProxyState:
                 "--decode URLs were given (centroid k maps to the k-th --decode URL)"
             )
         self.config = config
-        self.partition = partition if config.policy == "eldr" else None
+        # eldr routes by the partition; fewest-new-experts takes only its shape (L x E) and top_k
+        self.partition = partition if config.policy in ("eldr", FEWEST_NEW_EXPERTS) else None
         # fewest-new-experts: top_k from the config, else from the partition's meta
         top_k = config.top_k or (partition.top_k if partition is not None else None)
         is_blended = config.load_signal == "blend"

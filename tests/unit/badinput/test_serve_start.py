@@ -36,10 +36,10 @@ def no_server(monkeypatch: pytest.MonkeyPatch) -> None:
         ("http://engine", "http://engine:80"),
         ("https://engine", "https://engine:443/"),
         ("http://localhost:8200", "http://127.0.0.1:8200"),
-        ("http://[::1]:8200", "http://127.0.0.1:8200"),
+        ("http://[::ffff:127.0.0.1]:8200", "http://127.0.0.1:8200"),
         ("http://engine.:8200", "http://engine:8200"),
     ],
-    ids=["slash", "case", "http-port", "https-port", "localhost", "ipv6-loopback", "trailing-dot"],
+    ids=["slash", "case", "http-port", "https-port", "localhost", "ipv4-mapped", "trailing-dot"],
 )
 @pytest.mark.parametrize("role", ["prefill", "decode"])
 def test_the_same_engine_twice_is_refused(refused: Refused, role: str, first: str, second: str) -> None:
@@ -50,6 +50,13 @@ def test_the_same_engine_twice_is_refused(refused: Refused, role: str, first: st
         for url in values:
             argv += [f"--{name}", url]
     assert "name the same engine" in refused(argv)
+
+
+def test_distinct_loopback_addresses_are_distinct_engines() -> None:
+    from eldr.engineurl import url_identity
+
+    names = {url_identity(u) for u in ("http://127.0.0.1:8200", "http://127.0.0.2:8200", "http://[::1]:8200")}
+    assert len(names) == 3
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "[::]", "0", "0.0"])
