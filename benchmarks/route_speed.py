@@ -20,14 +20,15 @@ import numpy as np
 
 from eldr.calibrate import FitConfig, fit_partition
 from eldr.policy import FewestNewExpertsPolicy, LocalityBandPolicy, RequestView, WorkersView
-from eldr.synthetic import planted_clusters
+from eldr.synthetic import SyntheticCounts, planted_clusters
 from provenance import commit, machine
 
 NUM_LAYERS, NUM_EXPERTS, TOP_K = 48, 128, 8
 
 
-def time_decisions(num_workers: int, num_decisions: int, seed: int = 0) -> np.ndarray:
-    data = planted_clusters(
+def workload(num_workers: int, seed: int) -> SyntheticCounts:
+    """Requests with planted clusters at Qwen3-30B-A3B's shape (at least 600, 2 per worker)."""
+    return planted_clusters(
         max(2 * num_workers, 600),
         num_clusters=min(num_workers, 32),
         num_layers=NUM_LAYERS,
@@ -36,6 +37,10 @@ def time_decisions(num_workers: int, num_decisions: int, seed: int = 0) -> np.nd
         informative_layers=tuple(range(0, NUM_LAYERS, 4)),
         seed=seed,
     )
+
+
+def time_decisions(num_workers: int, num_decisions: int, seed: int = 0) -> np.ndarray:
+    data = workload(num_workers, seed)
     part = fit_partition(data.prefill_counts, FitConfig(num_workers, max_iter=10))
     policy = LocalityBandPolicy(part, tau=0.1)
     rng = np.random.default_rng(seed)
@@ -55,24 +60,17 @@ def time_decisions(num_workers: int, num_decisions: int, seed: int = 0) -> np.nd
 
 def time_overlap(num_workers: int, num_decisions: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """fewest-new-experts: (choose µs, release µs) with 32 requests in flight on every worker."""
-    data = planted_clusters(
-        600,
-        num_clusters=min(num_workers, 32),
-        num_layers=NUM_LAYERS,
-        num_experts=NUM_EXPERTS,
-        top_k=TOP_K,
-        informative_layers=tuple(range(0, NUM_LAYERS, 4)),
-        seed=seed,
-    )
+    data = workload(num_workers, seed)
+    num_requests = len(data.prefill_counts)
     policy = FewestNewExpertsPolicy(num_workers, TOP_K, shape=(NUM_LAYERS, NUM_EXPERTS))
     rng = np.random.default_rng(seed)
     for j in range(32 * num_workers):
-        policy.dispatch(RequestView(f"running-{j}", data.prefill_counts[j % 600]), j % num_workers)
+        policy.dispatch(RequestView(f"running-{j}", data.prefill_counts[j % num_requests]), j % num_workers)
     loads = [WorkersView.of(32 + rng.integers(0, 8, size=num_workers)) for _ in range(64)]
     clock = time.perf_counter_ns
     chose, released = np.empty(num_decisions), np.empty(num_decisions)
     for i in range(-500, num_decisions):  # the first 500: warm-up
-        req = RequestView(str(i), data.prefill_counts[i % 600])
+        req = RequestView(str(i), data.prefill_counts[i % num_requests])
         start = clock()
         policy.choose(req, loads[i % len(loads)])
         middle = clock()
