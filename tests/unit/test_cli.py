@@ -158,3 +158,21 @@ def test_fit_uses_only_flagged_calibration_requests_of_a_trace(
     )
     assert main(["fit", "--calibration", none, "--workers", "4", "--out", str(tmp_path / "q.npz")]) == 2
     assert "no request is flagged" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [["trace", "info", "--json"], ["trace", "info"]])
+def test_a_closed_stdout_pipe_ends_quietly(args: list[str]) -> None:
+    """`eldr ... | head -1`: the reader is gone before the command writes; no traceback, a non-zero exit."""
+    import subprocess
+    import sys
+
+    from eldr.data import demo_trace_path
+
+    command = [sys.executable, "-m", "eldr.cli", *args, str(demo_trace_path())]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()  # before the command has written anything
+    stderr = process.stderr.read().decode()
+    code = process.wait(timeout=120)
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
+    assert code in (1, 141)  # rich's console exits 1 on a broken pipe; plain output exits 141
