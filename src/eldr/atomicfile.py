@@ -7,6 +7,7 @@ behind. Commands call `check_output_path` before their work starts, so a bad `--
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import tempfile
@@ -54,29 +55,59 @@ def _new_file_mode(target: Path) -> int:
         return 0o666 & ~umask
 
 
+# errors of the storage being written (as opposed to errors of the data's producer, which pass unchanged)
+_STORAGE_ERRNOS = frozenset(
+    getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EFBIG", "EROFS", "EIO") if hasattr(errno, name)
+)
+
+
 @contextmanager
 def atomic_path(path: str | Path, what: str) -> Iterator[Path]:
-    """A temporary path beside `path` (same suffix) to write; on success it replaces `path`."""
+    """A temporary path beside `path` (same suffix) to write; on success it replaces `path`.
+
+    An exception inside the block leaves `path` as it was and removes the temporary file. It is
+    reported as `OutputFileError` ("cannot write ...") only when it is the storage's (disk full, quota,
+    file-size limit, read-only filesystem, I/O error, or an error that names no other file); the
+    producer's own errors (e.g. an input file it failed to read) pass through unchanged.
+    """
     target = check_output_path(path, what)
     temp: Path | None = None
     try:
         fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=target.suffix)
         temp = Path(name)
         os.close(fd)
+    except OSError as exc:
+        raise _write_error(what, target, exc) from exc
+    try:
         yield temp
+    except BaseException as exc:
+        temp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not isinstance(exc, EldrError) and _is_storage_error(exc, temp):
+            raise _write_error(what, target, exc) from exc
+        raise
+    try:
         with open(temp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.chmod(temp, _new_file_mode(target))
         os.replace(temp, target)
     except BaseException as exc:
-        if temp is not None:
-            temp.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and not isinstance(exc, EldrError):
-            raise OutputFileError(
-                f"cannot write {what} {target}: {exc.strerror or exc} (any previous file is unchanged)"
-            ) from exc
+        temp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise _write_error(what, target, exc) from exc
         raise
     _sync_folder(target.parent)
+
+
+def _is_storage_error(exc: OSError, temp: Path) -> bool:
+    names = {os.fspath(n) for n in (exc.filename, exc.filename2) if n is not None}
+    # an error that names another file is the producer's (reading an input); anything else is the write's
+    return exc.errno in _STORAGE_ERRNOS or not names or os.fspath(temp) in names
+
+
+def _write_error(what: str, target: Path, exc: OSError) -> OutputFileError:
+    return OutputFileError(
+        f"cannot write {what} {target}: {exc.strerror or exc} (any previous file is unchanged)"
+    )
 
 
 @contextmanager
