@@ -31,6 +31,7 @@ MAX_VOCAB = 1 << 20  # token ids of the OLMoE routing files (`eldr trace build o
 # text inputs
 MAX_CONFIG_BYTES = 1 * MIB  # eldr serve --config
 MAX_PROMPTS_BYTES = 256 * MIB  # eldr capture --prompts
+MAX_COST_MODEL_BYTES = 64 * 1024  # eldr simulate --cost-model FILE.json (a dozen numbers)
 MAX_ENGINE_ANSWER_BYTES = 64 * MIB  # one engine answer read by eldr capture
 
 # flags (and the serve config's numbers)

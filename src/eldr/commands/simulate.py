@@ -47,6 +47,17 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
+def cost_model_name(value: str) -> str:
+    """argparse type of --cost-model: a preset's name or a path ending in .json (read at run time)."""
+    from eldr.sim.presets import PRESETS
+
+    if value in PRESETS or value.endswith(".json"):
+        return value
+    raise argparse.ArgumentTypeError(
+        f"unknown cost model {value!r}; choose one of {', '.join(sorted(PRESETS))} or give a FILE.json"
+    )
+
+
 def add_sim_arguments(p: argparse.ArgumentParser, *, default_rate: float | None = None) -> None:
     """Flags shared by `eldr simulate` and `eldr demo`."""
     from eldr.sim.costmodel import LAYER_MAPS
@@ -88,9 +99,11 @@ def add_sim_arguments(p: argparse.ArgumentParser, *, default_rate: float | None 
     )
     p.add_argument(
         "--cost-model",
-        choices=sorted(PRESETS),
+        type=cost_model_name,
         default="mi300x-qwen3-30b",
-        help="step-cost preset (default mi300x-qwen3-30b; docs/simulator.md)",
+        metavar="{" + ",".join(sorted(PRESETS)) + "} or FILE.json",
+        help="step-cost preset (default mi300x-qwen3-30b), or a cost model fitted elsewhere as JSON, "
+        "e.g. by benchmarks/real_engines.py (docs/simulator.md)",
     )
     p.add_argument(
         "--seed", type=seed_value, default=0, help="seed for arrivals, token sampling and policies, >= 0"

@@ -25,7 +25,15 @@ takes seconds here: simulate it at rates of a request every few seconds, not 60 
 
 from __future__ import annotations
 
-from eldr.errors import ConfigError
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from eldr.errors import ConfigError, InvalidInputError
+from eldr.inputfile import read_text
+from eldr.limits import MAX_COST_MODEL_BYTES
 from eldr.sim.costmodel import CostModel
 
 # anchor 1: MoE layer time ratio 128 vs 16 active experts at batch 64 (paper §3)
@@ -108,7 +116,51 @@ PRESETS = {"mi300x-qwen3-30b": mi300x_qwen3_30b, "this-cpu": this_cpu}
 
 
 def preset(name: str) -> CostModel:
-    """A cost-model preset by name."""
+    """A cost-model preset by name, or a cost model from a JSON file (a name ending in .json)."""
+    if name.endswith(".json"):
+        return load_cost_model(name)
     if name not in PRESETS:
-        raise ConfigError(f"unknown cost model {name!r}; choose one of {', '.join(PRESETS)}")
+        raise ConfigError(
+            f"unknown cost model {name!r}; choose one of {', '.join(PRESETS)} or give a FILE.json"
+        )
     return PRESETS[name]()
+
+
+def load_cost_model(path: str | Path) -> CostModel:
+    """A `CostModel` from a JSON object with exactly its fields (`name` and `source` optional), such as
+    the one `benchmarks/real_engines.py` fits on real engines. Every time must be a finite number
+    >= 0 in seconds, the counts whole numbers >= 1; anything else is one `InvalidInputError`."""
+    text = read_text(path, "cost model", max_bytes=MAX_COST_MODEL_BYTES, limit_name="docs/limits.md")
+    try:
+        raw = json.loads(text, parse_constant=_refuse_constant)
+    except ValueError as exc:
+        raise InvalidInputError(f"cost model {path}: not JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise InvalidInputError(f"cost model {path}: must be a JSON object")
+    fields = {f.name: f for f in dataclasses.fields(CostModel)}
+    unknown = sorted(set(raw) - set(fields))
+    missing = sorted(set(fields) - set(raw) - {"name", "source"})
+    if unknown or missing:
+        raise InvalidInputError(f"cost model {path}: unknown keys {unknown}, missing keys {missing}")
+    values: dict[str, Any] = {"name": Path(path).name, "source": f"file {path}"}
+    for key, value in raw.items():
+        if key in ("name", "source"):
+            if not isinstance(value, str):
+                raise InvalidInputError(f"cost model {path}: {key} must be a string")
+        elif key in _COUNT_FIELDS:
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 2**40:
+                raise InvalidInputError(f"cost model {path}: {key} must be a whole number in [1, 2^40]")
+        elif isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise InvalidInputError(f"cost model {path}: {key} must be a finite number of seconds")
+        values[key] = value
+    try:
+        return CostModel(**values)
+    except ConfigError as exc:
+        raise InvalidInputError(f"cost model {path}: {exc}") from exc
+
+
+_COUNT_FIELDS = ("num_layers", "num_experts", "num_prefill_workers", "max_batch", "kv_capacity_tokens")
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number")
