@@ -44,6 +44,7 @@ def kv_config(
     role: str = "kv_both",
     is_recording_decode: bool = False,
     is_skipping_external_loads: bool = False,
+    is_decode_stats: bool = False,
 ) -> dict[str, Any]:
     """The `--kv-transfer-config` object: the eldr plugin around `wrapped`, or `wrapped` alone."""
     extra: dict[str, Any] = {}
@@ -59,6 +60,8 @@ def kv_config(
         extra["eldr_record_decode"] = True
     if is_skipping_external_loads:
         extra["eldr_skip_external_loads"] = True
+    if is_decode_stats:  # the decode-locality metric on /metrics (docs/engine-plugin.md)
+        extra["eldr_decode_stats"] = True
     return {
         "kv_connector": "EldrConnector",
         "kv_connector_module_path": "eldr.vllm.connector",

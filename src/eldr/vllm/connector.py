@@ -23,7 +23,12 @@ Extra config keys (in `kv_connector_extra_config`, passed unchanged to the wrapp
 `eldr_record_decode` (also return the generated tokens' counts as `kv_transfer_params["eldr_decode"]`,
 the decode-recording mode `eldr capture` uses), `eldr_skip_external_loads` (never load KV from the
 wrapped connector on this instance: a prefill instance whose wrapped connector would otherwise reuse
-stored KV, which would leave those tokens uncounted).
+stored KV, which would leave those tokens uncounted), `eldr_decode_stats` (the decode-locality metric
+on the engine's `/metrics`, `decodestats.py`).
+
+Stats: `get_kv_connector_stats` / `build_kv_connector_stats` / `build_prom_metrics` carry the wrapped
+connector's own stats and Prometheus metrics (delegated and combined, as `MultiConnector` does) and,
+with `eldr_decode_stats`, the decode-locality observations (`decodestats.EldrKVConnectorStats`).
 """
 
 from __future__ import annotations
@@ -47,12 +52,25 @@ from eldr.errors import ConfigError
 from eldr.vllm import timing
 from eldr.vllm.blockcache import BlockDelta
 from eldr.vllm.capture import RouterTap, TapSet, find_moe_routers, install_tap, taps_for
+from eldr.vllm.decodestats import (
+    DECODE_STATS_KEY,
+    DecodeStatsRecorder,
+    EldrKVConnectorStats,
+    EldrPromMetrics,
+    class_ref,
+)
 from eldr.vllm.fold import empty_delta
 from eldr.vllm.ledger import SignatureLedger
 from eldr.vllm.version import check_vllm_version
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+        KVConnectorPromMetrics,
+        KVConnectorStats,
+        PromMetric,
+        PromMetricT,
+    )
     from vllm.forward_context import ForwardContext
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -195,6 +213,16 @@ class EldrConnector(KVConnectorBase_V1):
             is_recording_decode=bool(extra.get("eldr_record_decode", False)),
         )
         self._requests: dict[str, Request] = {}
+        self._decode_stats: DecodeStatsRecorder | None = None  # eldr_decode_stats: scheduler side only
+        if bool(extra.get(DECODE_STATS_KEY, False)) and role == KVConnectorRole.SCHEDULER:
+            self._decode_stats = DecodeStatsRecorder()
+            if vllm_config.speculative_config is not None:
+                logger.warning(
+                    "eldr: %s with speculative decoding: only requests that schedule exactly one token "
+                    "in a step count as decode tokens; spec decode is not modelled by this metric",
+                    DECODE_STATS_KEY,
+                )
+        self._inner_ref = class_ref(type(self._inner)) if self._inner is not None else None
         # worker side
         self._taps: TapSet | None = None
         self._top_k = 0
@@ -354,12 +382,34 @@ class EldrConnector(KVConnectorBase_V1):
                 block_ids = self._kv_cache_manager.get_block_ids(req_id)[0]
                 num_blocks = -(-num_prompt // self._block_size)
                 self._ledger.prefill_due(step, req_id, list(block_ids[:num_blocks]))
+        if self._decode_stats is not None:
+            self._note_decode_blocks(step, scheduler_output)
         return EldrConnectorMeta(step, int(scheduler_output.total_num_scheduled_tokens), inner)
+
+    def _note_decode_blocks(self, step: int, scheduler_output: SchedulerOutput) -> None:
+        """The KV block of each decode token (a request scheduling one token) of the step, for its stats."""
+        assert self._decode_stats is not None
+        manager, requests, block_size = self._kv_cache_manager, self._requests, self._block_size
+        blocks: list[int] = []
+        for req_id, num_new in scheduler_output.num_scheduled_tokens.items():
+            if num_new != 1:
+                continue
+            request = requests.get(req_id)
+            table = manager.get_blocks(req_id).blocks[0] if manager is not None else []
+            index = request.num_computed_tokens // block_size if request is not None else len(table)
+            if index >= len(table):  # a decode token that cannot be placed: skip the step, never guess
+                self._decode_stats.note(step, None)
+                return
+            blocks.append(table[index].block_id)  # the block of the step's one token's position
+        if blocks:
+            self._decode_stats.note(step, blocks)
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         meta = connector_output.kv_connector_worker_meta
         if isinstance(meta, EldrWorkerMeta):
             filled = self._ledger.apply(meta.step, meta.delta, meta.top_k)
+            if self._decode_stats is not None:
+                self._decode_stats.apply(meta.step, meta.delta, meta.top_k)
             if timing.IS_ENABLED:
                 timing.CLOCK.receive(*meta.timing_ns)
                 if meta.step % 50 == 0:
@@ -381,6 +431,47 @@ class EldrConnector(KVConnectorBase_V1):
             request.request_id, list(block_ids), int(request.num_computed_tokens), out
         )
         return is_delayed, out if (is_coming or params is not None) else None
+
+    # ------------------------------------------------------------------ stats (both sides)
+
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        """The wrapped connector's stats and (scheduler side, `eldr_decode_stats`) the decode steps'.
+
+        vLLM calls it on the worker after every step (`KVConnectorOutput.kv_connector_stats`) and on
+        the scheduler after `update_connector_output` (scheduler.py, `update_from_output`), and combines
+        the two with `aggregate`: both sides answer with `EldrKVConnectorStats`.
+        """
+        inner = self._inner.get_kv_connector_stats() if self._inner is not None else None
+        decode = self._decode_stats.take() if self._decode_stats is not None else None
+        if decode is None and inner is None:
+            return None
+        return EldrKVConnectorStats(data=decode or {}, inner=inner, inner_connector=self._inner_ref)
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
+        return EldrKVConnectorStats.from_dict(data)
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: VllmConfig,
+        metric_types: dict[type[PromMetric], type[PromMetricT]],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> KVConnectorPromMetrics | None:
+        inner_cls, inner_config = _wrapped_config(vllm_config)
+        inner = (
+            inner_cls.build_prom_metrics(inner_config, metric_types, labelnames, per_engine_labelvalues)
+            if inner_cls is not None
+            else None
+        )
+        ktc = vllm_config.kv_transfer_config
+        is_decode = ktc is not None and bool(ktc.kv_connector_extra_config.get(DECODE_STATS_KEY, False))
+        if inner is None and not is_decode:
+            return None
+        return EldrPromMetrics(
+            vllm_config, metric_types, labelnames, per_engine_labelvalues, inner=inner, is_decode=is_decode
+        )
 
     # ------------------------------------------------------------------ plain delegation
 
@@ -420,7 +511,6 @@ _DELEGATED = frozenset(
         "get_transfer_results",
         "get_block_ids_with_load_errors",
         "shutdown",
-        "get_kv_connector_stats",
         "get_kv_connector_kv_cache_events",
         "get_handshake_metadata",
         "bind_gpu_block_pool",

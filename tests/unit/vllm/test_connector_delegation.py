@@ -38,8 +38,11 @@ def test_the_wrapped_connectors_own_methods_are_called(tmp_path: Path) -> None:
     connector = _connector(tmp_path, "ExampleConnector")
     inner = connector._inner
     assert type(inner).__name__ == "ExampleConnector"
-    for name in ("get_block_ids_with_load_errors", "get_kv_connector_stats", "shutdown", "take_events"):
+    for name in ("get_block_ids_with_load_errors", "shutdown", "take_events"):
         assert getattr(connector, name).__self__ is inner, name
+    # stats are combined, not delegated (the wrapped connector's own stats travel inside eldr's)
+    assert connector.get_kv_connector_stats.__self__ is connector
+    assert connector.get_kv_connector_stats() is None  # ExampleConnector has none, decode stats off
     assert connector.requires_kv_delivery == inner.requires_kv_delivery
     assert connector._cache_hit_source == inner._cache_hit_source
 
