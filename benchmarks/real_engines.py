@@ -10,10 +10,11 @@ Steps, all in one run (so that every number shares the machine's state):
 
 1. calibrate: `eldr capture` of the calibration prompts on the prefill engine (prefill and decode
    counts), then `eldr fit --workers D` -> the partition the eldr policy routes by;
-2. profile (skipped by --quick): batches of B simultaneous requests straight to decode engine 0, from
-   one domain or from all, give (batch, distinct experts per step, seconds per step) points; a least
-   squares fit of the simulator's step-cost model to them. Single prefills on the prefill engine give
-   its cost per prompt token;
+2. profile (skipped by --quick): batches of B simultaneous calibration requests straight to decode
+   engine 0 (their KV stored by the capture, so it is loaded as in PD), from one domain or from all,
+   give (batch, distinct experts per step, seconds per step) points; a least squares fit of the
+   simulator's step-cost model to them. Single prefills on the prefill engine give its cost per
+   prompt token;
 3. measure: --repeats rounds; each round draws one seeded Poisson workload of --requests workload
    prompts and runs it once per policy, in a fresh random order per round, each through a fresh
    `eldr serve`. Per run: the decode engines' `eldr:decode_step_*` histograms (distinct experts per
@@ -288,7 +289,14 @@ class Rig:
 def start_rig(model: Path, work: Path, num_decodes: int, max_num_seqs: int) -> Rig:
     kv_dir = work / "kv"
     kv_dir.mkdir(parents=True, exist_ok=True)
-    common = ("--block-size", str(BLOCK_SIZE), "--no-enable-prefix-caching")
+    # a prompt's whole KV must be stored at its first step (ExampleConnector stores only then): no chunking
+    common = (
+        "--block-size",
+        str(BLOCK_SIZE),
+        "--no-enable-prefix-caching",
+        "--max-num-batched-tokens",
+        "8192",
+    )
     prefill = EngineSpec(
         "prefill",
         model,
@@ -299,7 +307,7 @@ def start_rig(model: Path, work: Path, num_decodes: int, max_num_seqs: int) -> R
             is_skipping_external_loads=True,
             is_recording_decode=True,
         ),
-        extra_args=(*common, "--no-async-scheduling", "--max-num-batched-tokens", "4096"),
+        extra_args=(*common, "--no-async-scheduling"),
         env={"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"},
     )
     cores = os.cpu_count() or 1
@@ -806,10 +814,13 @@ def main() -> int:
         points: list[ProfilePoint] = []
         if not args.quick:
             print("profiling decode engine 0", flush=True)
-            points = profile(rig, work_prompts, (1, 4, 8, 16, 24), 32, num_layers, args.seed)
-            points += profile(rig, work_prompts, (24, 16, 8, 4, 1), 32, num_layers, args.seed + 1)
+            # calibration prompts: their KV is stored already (capture), so decode engine 0 loads it as in
+            # PD; a workload prompt sent there first would be stored by the engine itself (ExampleConnector
+            # stores on consumers too), which the runs must not find
+            points = profile(rig, cal_prompts, (1, 4, 8, 16, 24), 32, num_layers, args.seed)
+            points += profile(rig, cal_prompts, (24, 16, 8, 4, 1), 32, num_layers, args.seed + 1)
             cost = fit_step_cost(points)
-            cost.update(prefill_cost(rig, work_prompts, 12))
+            cost.update(prefill_cost(rig, cal_prompts, 12))
             extra["profile"] = [asdict(x) for x in points]
             extra["cost"] = cost
             print(f"fitted cost: {cost}", flush=True)
