@@ -672,6 +672,13 @@ def report(
         f"{args.requests} requests per run, Poisson {extra['rate']:.2f} req/s, {args.output_tokens} output "
         f"tokens each (ignore_eos), {args.repeats} rounds, policy order shuffled per round",
         "",
+        (
+            f"rate (--rate auto): min(decode target {extra['rate_bounds']['decode_target']:.2f}, "
+            f"{args.prefill_load} x prefill capacity {extra['rate_bounds']['prefill_capacity']:.2f}) req/s"
+            if "rate_bounds" in extra
+            else "rate given by --rate"
+        ),
+        "",
         "Medians over rounds (min–max across rounds). Distinct experts: per MoE layer per decode step, "
         "from the decode engines' `eldr:decode_step_active_experts`; batch: decode tokens per step.",
         "",
@@ -755,10 +762,17 @@ def main() -> int:
         "--rate",
         default="auto",
         help="Poisson arrivals, req/s; auto: the rate at which the profiled cost model holds "
-        "--target-batch requests per decode engine (Little's law)",
+        "--target-batch requests per decode engine (Little's law), capped at --prefill-load x the "
+        "prefill engine's measured capacity",
     )
-    p.add_argument("--target-batch", type=float, default=12.0, help="for --rate auto (default 12)")
-    p.add_argument("--output-tokens", type=int, default=64, help="tokens per answer (default 64)")
+    p.add_argument("--target-batch", type=float, default=10.0, help="for --rate auto (default 10)")
+    p.add_argument(
+        "--prefill-load",
+        type=float,
+        default=0.6,
+        help="for --rate auto: at most this fraction of the prefill engine's measured capacity (default 0.6)",
+    )
+    p.add_argument("--output-tokens", type=int, default=128, help="tokens per answer (default 128)")
     p.add_argument("--calibration-tokens", type=int, default=64, help="decode tokens captured per prompt")
     p.add_argument("--repeats", type=int, default=3, help="rounds; each runs every policy once")
     p.add_argument("--tau", type=float, default=0.1, help="eldr band width (default 0.1)")
@@ -876,6 +890,13 @@ def main() -> int:
         rig.stop()
         if not args.keep and args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def mean_prompt_tokens(calibration: Path) -> float:
+    """Mean prompt tokens of the calibration requests (their layer-0 prefill counts / top_k)."""
+    with np.load(calibration) as data:
+        counts, top_k = data["prefill_counts"], int(data["top_k"])
+    return float(counts[:, 0].sum(axis=1).mean() / top_k)
 
 
 def extra_experts(points: Sequence[ProfilePoint], batch: float) -> float:
