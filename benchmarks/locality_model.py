@@ -125,6 +125,41 @@ def write_tokenizer(tokenizer: Any, out_dir: Path) -> None:
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=1) + "\n")
 
 
+TRAINED_SUBDIR = "trained"  # the checkpoint at its trained expert width, beside the widened one
+
+
+def unwiden_checkpoint(src: Path, dst: Path, width: int | None = None) -> Path:
+    """Write `src`'s checkpoint at its trained expert width (config `trained_moe_intermediate_size`) into
+    `dst`: every expert's gate/up rows and down columns beyond that width are dropped, after checking
+    they are all zeros (the padding `widen` added), so the two checkpoints compute the same function.
+    A prefill engine may serve this one: its routing and KV are the widened model's, at a fraction of
+    the cost (benchmarks/real_engines.py --prefill-model)."""
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((src / "config.json").read_text())
+    if width is None:
+        width = int(config.get("trained_moe_intermediate_size", config["moe_intermediate_size"]))
+    tensors = load_file(str(src / "model.safetensors"))
+    narrow: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        if ".experts." in name and name.endswith(("gate_proj.weight", "up_proj.weight")):
+            kept, dropped = tensor[:width], tensor[width:]
+        elif ".experts." in name and name.endswith("down_proj.weight"):
+            kept, dropped = tensor[:, :width], tensor[:, width:]
+        else:
+            kept, dropped = tensor, tensor[:0]
+        if dropped.numel() and bool(dropped.abs().max() > 0):
+            raise SystemExit(f"{src}: {name} has non-zero weights beyond width {width}: not a widened model")
+        narrow[name] = kept.contiguous()
+    dst.mkdir(parents=True, exist_ok=True)
+    save_file(narrow, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    (dst / "config.json").write_text(json.dumps({**config, "moe_intermediate_size": width}, indent=2) + "\n")
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if (src / name).exists():
+            (dst / name).write_bytes((src / name).read_bytes())
+    return dst
+
+
 def token_stream(tokenizer: Any, domain: str, num_tokens: int, seed: int) -> torch.Tensor:
     """Documents of `domain` separated by EOS, at least `num_tokens` tokens, as one int64 tensor."""
     eos = tokenizer.token_to_id(EOS)
@@ -833,6 +868,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="run eldr trace info / fit / simulate on the written trace",
     )
     p.add_argument("--log-every", type=float, default=30.0, help="seconds between training progress lines")
+    p.add_argument(
+        "--unwiden",
+        type=int,
+        metavar="WIDTH",
+        help="only write OUT/trained: the widened checkpoint in --out at expert width WIDTH (checked to be "
+        "zero padding), then exit; for checkpoints written before the script kept both",
+    )
     args = p.parse_args(argv)
     if args.steps is None and args.minutes <= 0:
         p.error("--minutes must be > 0")
@@ -849,6 +891,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.unwiden:
+        unwiden_checkpoint(args.out, args.out / TRAINED_SUBDIR, args.unwiden)
+        print(f"wrote {args.out / TRAINED_SUBDIR} at expert width {args.unwiden}")
+        return {}
     wall_start = time.monotonic()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -929,8 +975,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not widening["ok"]:
             raise SystemExit("the widened model differs from the trained one")
     served.config.output_router_logits = False
+    if args.widen_intermediate:
+        served.config.trained_moe_intermediate_size = args.moe_intermediate
     served.save_pretrained(str(out), safe_serialization=True)
     write_tokenizer(tokenizer, out)
+    if args.widen_intermediate:
+        unwiden_checkpoint(out, out / TRAINED_SUBDIR)
+        say(f"saved the trained-width checkpoint in {out / TRAINED_SUBDIR}")
     checkpoint_mb = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 1e6
     say(f"saved {out} ({checkpoint_mb:.0f} MB)")
 

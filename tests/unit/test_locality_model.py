@@ -159,3 +159,35 @@ def test_counts_and_lr(lm: ModuleType) -> None:
     assert lm.lr_at(0.0, 0, 1.0, 10) == pytest.approx(0.1)
     assert lm.lr_at(1.0, 100, 1.0, 10) == pytest.approx(0.1)
     assert lm.lr_at(0.0, 10, 1.0, 10) == pytest.approx(1.0)
+
+
+def test_the_trained_width_checkpoint_is_the_same_function(
+    lm: ModuleType, tiny_run: tuple[dict[str, Any], Path, Path], tmp_path: Path
+) -> None:
+    """OUT/trained (what a prefill engine may serve) gives the widened checkpoint's logits and routing."""
+    from safetensors.torch import load_file, save_file
+
+    transformers = pytest.importorskip("transformers")
+    _, out, _ = tiny_run
+    narrow_dir = out / lm.TRAINED_SUBDIR
+    narrow_config = json.loads((narrow_dir / "config.json").read_text())
+    assert narrow_config["moe_intermediate_size"] == 16  # the tiny run's trained width
+    wide = transformers.Qwen3MoeForCausalLM.from_pretrained(str(out)).eval()
+    narrow = transformers.Qwen3MoeForCausalLM.from_pretrained(str(narrow_dir)).eval()
+    ids = torch.tensor([[5, 17, 3, 99, 42, 7, 64, 12]])
+    with torch.no_grad():
+        a = wide(ids, output_router_logits=True)
+        b = narrow(ids, output_router_logits=True)
+    assert torch.allclose(a.logits, b.logits, atol=1e-5)
+    for ra, rb in zip(a.router_logits, b.router_logits, strict=True):
+        assert torch.equal(ra.topk(2).indices, rb.topk(2).indices)
+    # a checkpoint whose padding is not zero is refused
+    tensors = load_file(str(out / "model.safetensors"))
+    name = next(n for n in tensors if n.endswith("experts.0.down_proj.weight"))
+    tensors[name][:, -1] = 1.0
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    save_file(tensors, str(bad / "model.safetensors"))
+    (bad / "config.json").write_text((out / "config.json").read_text())
+    with pytest.raises(SystemExit, match="non-zero weights"):
+        lm.unwiden_checkpoint(bad, tmp_path / "bad-narrow")
