@@ -1015,12 +1015,7 @@ def main() -> int:
         if args.json_out:
             args.json_out.write_text(json.dumps(result, indent=1))
         if not args.quick:
-            text = report(runs, policies, sim, extra, args)
-            print(text)
-            if args.out:
-                args.out.write_text(text)
-            if args.plot:
-                plot(runs, policies, sim, args.plot)
+            publish(runs, policies, sim, extra, args, args)
         return 0
     finally:
         rig.stop()
@@ -1043,13 +1038,25 @@ def resimulate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
     saved["sim"] = sim
     saved["resimulated_at"] = commit()
     (args.json_out or args.resimulate).write_text(json.dumps(saved, indent=1))
-    text = report(runs, policies, sim, saved, old)
+    publish(runs, policies, sim, saved, old, args)
+    return 0
+
+
+def publish(
+    runs: Sequence[Run],
+    policies: Sequence[str],
+    sim: dict[str, dict[str, dict[str, float]]],
+    extra: dict[str, Any],
+    run_args: argparse.Namespace,
+    args: argparse.Namespace,
+) -> None:
+    """Print the report; write it to --out and the plot to --plot when given."""
+    text = report(runs, policies, sim, extra, run_args)
     print(text)
     if args.out:
         args.out.write_text(text)
     if args.plot:
         plot(runs, policies, sim, args.plot)
-    return 0
 
 
 def mean_prompt_tokens(calibration: Path) -> float:
