@@ -14,10 +14,13 @@ of --rounds interleaved rounds, so that the shared machine's noise falls on all 
    proxy's own code incl. metrics) at L = 48, E = 128, K = 16.
 
 Goals (issue 4): added p50 <= 1 ms; throughput >= half of vllm-router's; decision <= 0.15 ms p50.
+`--baseline-src PATH` adds one more target, interleaved with the others: the `eldr serve` of another
+checkout's `src` folder (e.g. a `git worktree` of the commit before a change), for a before/after
+comparison in one run (issue 14: the proxy's own HTTP server must stay within 10% of uvicorn's).
 
     python benchmarks/proxy_overhead.py [--router-bin /work/router-venv/bin/vllm-router]
         [--rounds 5] [--requests 400] [--concurrency 32] [--duration-s 3]
-        [--out benchmarks/results/proxy_overhead.md]
+        [--baseline-src /tmp/base/src] [--out benchmarks/results/proxy_overhead.md]
 """
 
 from __future__ import annotations
@@ -68,8 +71,8 @@ def wait_ready(url: str, timeout_s: float = 60.0) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
-def start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(args, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT)
+def start(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(args, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT, env=env)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -191,8 +194,10 @@ def run_load(
 
 def decision_cost(num_decisions: int) -> dict[str, float]:
     from eldr.payload import encode_counts
+    from eldr.proxy.answers import ParsedAnswer
     from eldr.proxy.config import ServeConfig
     from eldr.proxy.forwarding import ClientRequest
+    from eldr.proxy.signatures import extract_signature
     from eldr.proxy.state import ProxyState
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -221,12 +226,14 @@ def decision_cost(num_decisions: int) -> dict[str, float]:
         w.in_flight = int(rng.integers(0, 8))
     route_us, with_json_us = [], []
     clock = time.perf_counter_ns
+    num_experts = state.router.num_experts
     for i in range(num_decisions):
         raw = answers[i % len(answers)]
         t0 = clock()
         answer = json.loads(raw)
-        t1 = clock()
-        forwarder.route(request, answer, 0, set())
+        t1 = clock()  # signature decode + decision: what `Forwarder.route` did before it took a ParsedAnswer
+        parsed = ParsedAnswer(answer.get("kv_transfer_params"), extract_signature(answer, num_experts), 0.0)
+        forwarder.route(request, parsed, 0, set())
         t2 = clock()
         route_us.append((t2 - t1) / 1e3)
         with_json_us.append((t2 - t0) / 1e3)
@@ -269,6 +276,10 @@ def main() -> int:
         help="fake engines: instant (benchmarks/instant_engine.py, pre-rendered answers; default) or "
         "starlette (the integration tests' fakes, ~0.3 ms of Python per request)",
     )
+    parser.add_argument(
+        "--baseline-src",
+        help="also measure the eldr serve of this src folder (another checkout), interleaved with the rest",
+    )
     parser.add_argument("--load-gen", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.load_gen:
@@ -304,6 +315,7 @@ def main() -> int:
             "decode1": free_port(),
             "proxy": free_port(),
             "router": free_port(),
+            "baseline": free_port(),
         }
         for name in ("prefill", "decode0", "decode1"):
             role = "prefill" if name == "prefill" else "decode"
@@ -333,27 +345,26 @@ def main() -> int:
             wait_ready(urls[name] + "/health")
         write_partition(logs / "part.npz", 2)
         eldr = shutil.which("eldr", path=str(Path(sys.executable).parent)) or "eldr"
-        procs.append(
-            start(
-                [
-                    eldr,
-                    "serve",
-                    "--prefill",
-                    urls["prefill"],
-                    "--decode",
-                    urls["decode0"],
-                    "--decode",
-                    urls["decode1"],
-                    "--partition",
-                    str(logs / "part.npz"),
-                    "--port",
-                    str(ports["proxy"]),
-                    "--log-level",
-                    "warning",
-                ],
-                logs / "proxy.log",
-            )
-        )
+        serve = [
+            eldr,
+            "serve",
+            "--prefill",
+            urls["prefill"],
+            "--decode",
+            urls["decode0"],
+            "--decode",
+            urls["decode1"],
+            "--partition",
+            str(logs / "part.npz"),
+            "--log-level",
+            "warning",
+        ]
+        if args.baseline_src:
+            env = dict(os.environ, PYTHONPATH=str(Path(args.baseline_src).resolve()))
+            procs.append(start([*serve, "--port", str(ports["baseline"])], logs / "baseline.log", env))
+            wait_ready(urls["baseline"] + "/health")
+            baseline_pid = procs[-1].pid
+        procs.append(start([*serve, "--port", str(ports["proxy"])], logs / "proxy.log"))
         wait_ready(urls["proxy"] + "/health")
         targets: dict[str, dict[str, Any]] = {
             BASE: {"kind": "decode-only", "url": urls["decode0"]},
@@ -364,6 +375,8 @@ def main() -> int:
             },
             ELDR: {"kind": "proxy", "url": urls["proxy"], "pid": procs[-1].pid},
         }
+        if args.baseline_src:
+            targets[BEFORE] = {"kind": "proxy", "url": urls["baseline"], "pid": baseline_pid}
         if router_bin:
             procs.append(
                 start(
@@ -404,11 +417,12 @@ def main() -> int:
     return 0
 
 
-BASE, TWO_LEGS, ELDR, RUST = (
+BASE, TWO_LEGS, ELDR, RUST, BEFORE = (
     "decode only (baseline)",
     "client does prefill + decode",
     "eldr serve",
     "vllm-router (Rust, PD mode)",
+    "eldr serve (--baseline-src)",
 )
 
 
@@ -490,7 +504,8 @@ def write_results(
         f"Machine: {machine()} (at the end of the run). Commit {commit()}. "
         "Command: `python benchmarks/proxy_overhead.py "
         f"--rounds {args.rounds} --requests {args.requests} --concurrency {args.concurrency} "
-        f"--duration-s {args.duration_s} --fakes {args.fakes}`.",
+        f"--duration-s {args.duration_s} --fakes {args.fakes}"
+        + (f" --baseline-src {args.baseline_src}`." if args.baseline_src else "`."),
         f"Fakes: 1 prefill + 2 decode, {_fakes_text(args.fakes)}; 16 output tokens. Load generator: "
         f"aiohttp, in its own process. {args.rounds} interleaved rounds (every target in every round, "
         "order rotated); "
@@ -528,6 +543,30 @@ def write_results(
             )
     else:
         lines.append("\nvllm-router was not available: its rows are missing.")
+    if args.baseline_src:
+        lines += [
+            "",
+            "eldr serve against the --baseline-src eldr serve, per round (same round, same fakes):",
+            "",
+        ]
+        for mode in ("json", "stream"):
+            by = {r["target"]: r for r in rows if r["mode"] == mode}
+            now, before = by[ELDR], by[BEFORE]
+            ratios = [a / b for a, b in zip(now["rps_rounds"], before["rps_rounds"], strict=True) if b]
+            added = [
+                a - b
+                for a, b in zip(
+                    now["added_vs_decode_rounds_ms"], before["added_vs_decode_rounds_ms"], strict=True
+                )
+            ]
+            per_round = ", ".join(f"{x:.2f}" for x in ratios)
+            per_round_added = ", ".join(f"{x:+.2f}" for x in added)
+            lines.append(
+                f"- {mode}: throughput median {np.median(ratios):.2f}x (rounds: {per_round}); "
+                f"added p50 {now['added_vs_decode_ms']:+.2f} ms vs {before['added_vs_decode_ms']:+.2f} ms "
+                f"(difference per round, median {np.median(added):+.3f} ms: {per_round_added}); "
+                f"CPU per request {now['cpu_ms_per_request']:.2f} vs {before['cpu_ms_per_request']:.2f} ms"
+            )
     lines += [
         "",
         "Signature decode + routing decision (in-process, `Forwarder.route`: payload -> counts -> eldr "

@@ -35,3 +35,7 @@ class DuplicateRequestError(EldrError, ValueError):
 
 class ConfigError(EldrError, ValueError):
     """A configuration value is invalid."""
+
+
+class ListenError(EldrError, OSError):
+    """`eldr serve` could not listen on its host and port (in use, not an address of this machine)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from contextlib import ExitStack
@@ -11,7 +12,7 @@ import numpy as np
 from fakes import FakeEngine, LoopThread, ServerThread
 
 from eldr.partition import Partition
-from eldr.proxy.app import build_app
+from eldr.proxy.app import ProxyApp, build_app, server_for
 from eldr.proxy.config import ServeConfig
 from eldr.proxy.state import ProxyState
 from eldr.signature import SignatureTransform
@@ -28,6 +29,33 @@ def fake_partition(engine: FakeEngine, num_decode: int = 2) -> Partition:
     words = ["d", "b", "a", "c"][:num_decode]
     centroids = transform.apply(np.stack([engine.counts_for(f"{w} x y") for w in words]))
     return Partition(transform, centroids.astype(np.float32), engine.top_k, tuple(range(num_decode)))
+
+
+class ProxyThread:
+    """The proxy's own HTTP server (`eldr.proxy.server`, as `eldr serve` runs it) on a background loop."""
+
+    def __init__(self, app: ProxyApp, loop_thread: LoopThread) -> None:
+        self.server = server_for(app)
+        self.loop = loop_thread.loop
+
+    def __enter__(self) -> ProxyThread:
+        asyncio.run_coroutine_threadsafe(self.server.start("127.0.0.1", 0), self.loop).result(20)
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.port}"
+
+    def call(self, fn: Any) -> Any:
+        """Run `fn` on the server's loop and return its result."""
+
+        async def run() -> Any:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(10)
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(30)
 
 
 class Cluster:
@@ -69,9 +97,7 @@ class Cluster:
         )
         self.app = build_app(self.config, partition)
         self.state: ProxyState = self.app.state.proxy
-        self.proxy = self.stack.enter_context(
-            ServerThread(self.app, self.loop_thread, timeout_keep_alive=int(self.config.keep_alive_s))
-        )
+        self.proxy = self.stack.enter_context(ProxyThread(self.app, self.loop_thread))
 
     @property
     def url(self) -> str:

@@ -5,7 +5,10 @@ NixlConnector does) plus, on demand, a signature: the eldr payload, vLLM's `prom
 nested lists, `choices[0].routed_experts` base64 `.npy`, or a malformed one. A decode fake checks that
 it got those `kv_transfer_params` (without the eldr key) and answers with JSON or an SSE stream.
 Failures on demand: HTTP 500, a dropped connection before the first byte, a stream cut mid-way,
-delays, failing health checks. Run as a script to serve one fake on a port (the benchmark does).
+delays, failing health checks. Hostile answers on demand (`signature_next`): a `.npy` whose header
+declares a huge shape. A request's `pad_bytes` field pads each streamed event (large streams for
+clients that stop reading). Decode answers carry `for`, a digest of the prompt they answer, so that a
+crossed answer shows. Run as a script to serve one fake on a port (the benchmark does).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import hashlib
 import io
 import json
 import random
@@ -54,6 +58,9 @@ class FakeEngine:
     is_healthy: bool = True
     # per request: "500", "drop", "midstream", "hang", "huge" (a prefill answer padded to 1 MiB)
     fail_next: list[str] = field(default_factory=list)
+    # prefill, per request: a signature kind for this answer instead of `signature` (also
+    # "npy_huge_shape": a routed_experts .npy whose header declares 10^9 x L x k ids)
+    signature_next: list[str] = field(default_factory=list)
     fail_rate: float = 0.0  # random failures ("500" or "drop", or "midstream" for decode streams)
     seed: int = 0
     received: list[dict[str, Any]] = field(default_factory=list)
@@ -130,7 +137,8 @@ class FakeEngine:
             if body.get("model") not in (None, self.model):
                 return JSONResponse({"error": {"message": "unknown model", "code": 404}}, 404)
             if self.role == "prefill":
-                return self.prefill_answer(body, failure)
+                signature = self.signature_next.pop(0) if self.signature_next else self.signature
+                return self.prefill_answer(body, failure, signature)
             return self.decode_answer(request.url.path, body, failure)
         except asyncio.CancelledError:
             self.cancelled += 1
@@ -138,7 +146,7 @@ class FakeEngine:
         finally:
             self.active -= 1
 
-    def prefill_answer(self, body: dict[str, Any], failure: str | None) -> Response:
+    def prefill_answer(self, body: dict[str, Any], failure: str | None, signature: str) -> Response:
         params = body.get("kv_transfer_params") or {}
         if body.get("max_tokens") != 1 or body.get("stream") or not params.get("do_remote_decode"):
             return JSONResponse({"error": {"message": "not a prefill request", "code": 400}}, 400)
@@ -158,27 +166,44 @@ class FakeEngine:
             "choices": [{"index": 0, "text": "t0", "finish_reason": "length"}],
             "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": 1},
         }
-        if self.signature == "eldr":
+        routed = None
+        if signature == "eldr":
             if prompt not in self._payloads:  # answer at once: a prompt's payload is computed once
                 counts = self.counts_for(prompt)
                 self._payloads[prompt] = encode_counts(
                     counts, num_tokens=len(prompt.split() or ["x"]), top_k=self.top_k
                 )
             kv["eldr"] = self._payloads[prompt]
-        elif self.signature == "malformed":
+        elif signature == "malformed":
             kv["eldr"] = {"v": 1, "layers": self.num_layers, "experts": self.num_experts, "counts": "!!"}
-        elif self.signature == "prompt_routed_experts":
-            answer["prompt_routed_experts"] = self.topk_ids(prompt).tolist()
-        elif self.signature == "routed_experts":
+        elif signature == "prompt_routed_experts":
+            routed = self.routed_json(prompt)
+        elif signature == "routed_experts":
             buffer = io.BytesIO()
             np.save(buffer, self.topk_ids(prompt).astype(np.uint16), allow_pickle=False)
+            answer["choices"][0]["routed_experts"] = base64.b64encode(buffer.getvalue()).decode()
+        elif signature == "npy_huge_shape":
+            buffer = io.BytesIO()
+            ids = self.topk_ids(prompt).astype(np.uint16)
+            header = {"descr": "<u2", "fortran_order": False, "shape": (10**9, *ids.shape[1:])}
+            np.lib.format.write_array_header_1_0(buffer, header)
+            buffer.write(ids.tobytes())
             answer["choices"][0]["routed_experts"] = base64.b64encode(buffer.getvalue()).decode()
         answer["kv_transfer_params"] = kv
         if failure == "huge":
             answer["padding"] = "x" * (1 << 20)
         if failure == "drop":
             return StreamingResponse(_dropped(b""), media_type="application/json")
+        if routed is not None:  # spliced in as text: json.dumps of millions of ids would take seconds
+            content = json.dumps(answer)[:-1] + ', "prompt_routed_experts": ' + routed + "}"
+            return Response(content, media_type="application/json")
         return JSONResponse(answer)
+
+    def routed_json(self, prompt: str) -> str:
+        """`topk_ids(prompt).tolist()` as JSON, fast for long prompts (every token's row is the same)."""
+        ids = self.topk_ids(prompt[:200])  # the domain depends on the first word only
+        token = json.dumps(ids[0].tolist())
+        return "[" + ",".join([token] * len(prompt.split() or ["x"])) + "]"
 
     def decode_answer(self, path: str, body: dict[str, Any], failure: str | None) -> Response:
         params = body.get("kv_transfer_params")
@@ -188,6 +213,7 @@ class FakeEngine:
                 {"error": {"message": f"bad kv_transfer_params {params!r}", "code": 400}}, 400
             )
         words = answer_words(body)
+        digest = prompt_digest(body)
         if failure == "drop":
             return StreamingResponse(_dropped(b""), media_type="text/event-stream")
         if not body.get("stream"):
@@ -196,18 +222,30 @@ class FakeEngine:
             choice = {"index": 0, "finish_reason": "length"}
             choice.update({"message": {"role": "assistant", "content": text}} if is_chat else {"text": text})
             return JSONResponse(
-                {"id": "cmpl-decode", "model": self.model, "choices": [choice], "served_by": self.name}
+                {
+                    "id": "cmpl-decode",
+                    "model": self.model,
+                    "choices": [choice],
+                    "served_by": self.name,
+                    "for": digest,
+                }
             )
         cut = len(words) // 2 if failure == "midstream" else None
-        return StreamingResponse(self.sse(path, words, cut), media_type="text/event-stream")
+        pad = "x" * int(body.get("pad_bytes") or 0)
+        return StreamingResponse(self.sse(path, words, cut, digest, pad), media_type="text/event-stream")
 
-    async def sse(self, path: str, words: list[str], cut: int | None) -> AsyncIterator[bytes]:
+    async def sse(
+        self, path: str, words: list[str], cut: int | None, digest: str = "", pad: str = ""
+    ) -> AsyncIterator[bytes]:
         is_chat = path.endswith("chat/completions")
         for i, word in enumerate(words):
             if cut is not None and i == cut:
                 raise Dropped("injected mid-stream failure")
             choice = {"index": 0, "delta": {"content": word}} if is_chat else {"index": 0, "text": word}
-            yield b"data: " + json.dumps({"id": "cmpl-decode", "choices": [choice]}).encode() + b"\n\n"
+            event: dict[str, Any] = {"id": "cmpl-decode", "choices": [choice], "for": digest}
+            if pad:
+                event["pad"] = pad
+            yield b"data: " + json.dumps(event).encode() + b"\n\n"
             if self.token_delay_s:
                 await asyncio.sleep(self.token_delay_s)
         yield b"data: [DONE]\n\n"
@@ -232,6 +270,11 @@ def prompt_of(body: dict[str, Any]) -> str:
     if "prompt" in body:
         return str(body["prompt"])
     return " ".join(str(m.get("content", "")) for m in body.get("messages", []))
+
+
+def prompt_digest(body: dict[str, Any]) -> str:
+    """What a decode answer says it answers: a digest of the request's prompt."""
+    return hashlib.sha1(prompt_of(body).encode()).hexdigest()[:12]
 
 
 def answer_words(body: dict[str, Any]) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -104,3 +105,14 @@ def test_sample_config_is_valid() -> None:
     args = build_parser().parse_args(["serve", "--config", str(root / "examples" / "serve.yaml")])
     config = load_config(args)
     assert config.policy == "eldr" and len(config.decode) == 2 and config.partition == "partition.npz"
+
+
+def test_a_port_in_use_is_one_line_and_exit_2() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        args = ("--prefill", "http://127.0.0.1:1", "--decode", "http://127.0.0.1:2", "--policy", "rr")
+        out = run_cli("serve", *args, "--port", port, "--health-timeout-s", "0.2")
+    assert out.returncode == 2, out.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in out.stderr and len(out.stderr.strip().splitlines()) == 1

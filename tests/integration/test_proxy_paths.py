@@ -47,7 +47,9 @@ def test_non_streaming_follows_the_protocol(cluster: Cluster) -> None:
     assert "eldr" not in decoded[0]["kv_transfer_params"]
     assert decoded[0]["kv_transfer_params"]["remote_block_ids"] == [1, 2, 3]
     ids = [h["x-request-id"] for e in (*cluster.prefill, *cluster.decode) for h in e.headers_seen]
-    assert ids == ["req-42", "req-42"]
+    # the engines see the proxy's own id (both legs of the attempt); the client gets its own back
+    assert len(ids) == 2 and ids[0] == ids[1] and "req-42" not in ids
+    assert r.headers["x-request-id"] == "req-42"
     assert cluster.in_flight() == [0, 0, 0, 0]
 
 
@@ -220,7 +222,8 @@ def test_answers_over_the_size_limit_fail_clearly() -> None:
             engine.fail_next = ["huge"]  # one each: both attempts fail
         r = httpx.post(c.url + "/v1/completions", json=body())
         assert r.status_code == 503
-        assert "AnswerTooLarge: answer over 65536 bytes" in r.json()["error"]["message"]
+        message = r.json()["error"]["message"]
+        assert "prefill: answer too large" in message and "127.0.0.1" not in message
         assert c.in_flight() == [0, 0, 0, 0]
         assert httpx.post(c.url + "/v1/completions", json=body()).status_code == 200  # the next is fine
     finally:
@@ -304,6 +307,29 @@ def test_chunked_request_bodies_are_reassembled_and_limited() -> None:
         )
         assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
         assert sum(len(e.received) for e in c.prefill) == 1
+    finally:
+        c.close()
+
+
+def test_a_chunked_body_is_charged_to_the_body_budget_as_it_arrives() -> None:
+    c = Cluster(num_prefill=1, max_body_bytes=4096, max_body_bytes_in_flight=4096)
+    try:
+        c.prefill[0].delay_s = 1.0
+        held: list[int] = []
+        first = threading.Thread(
+            target=lambda: held.append(
+                httpx.post(c.url + "/v1/completions", json=body("d " + "x" * 3000), timeout=10).status_code
+            )
+        )
+        first.start()
+        wait_for(lambda: c.proxy.call(lambda: c.state.bodies.in_use) > 3000)  # the first is inside
+        pieces = [json.dumps(body("d " + "y" * 1500)).encode()]  # no Content-Length: chunked
+        r = httpx.post(
+            c.url + "/v1/completions", content=iter(pieces), headers={"Content-Type": "application/json"}
+        )
+        assert r.status_code == 429 and r.headers["retry-after"] == "1", r.text
+        first.join()
+        assert held == [200] and c.proxy.call(lambda: c.state.bodies.in_use) == 0
     finally:
         c.close()
 
@@ -407,6 +433,32 @@ def test_admin_endpoints_add_and_drain_decode() -> None:
             assert c.config.decode[0] not in urls and server.url in urls
             r = httpx.post(c.url + "/v1/completions", json=body("d x"))
             assert r.status_code == 200 and r.json()["served_by"] == "d2"
+    finally:
+        c.close()
+
+
+def test_public_health_metrics_opens_health_and_metrics_but_not_the_api() -> None:
+    c = Cluster(api_key="sekret", public_health_metrics=True)
+    try:
+        assert httpx.get(c.url + "/health").status_code == 200
+        assert httpx.get(c.url + "/metrics").status_code == 200
+        assert httpx.get(c.url + "/v1/models").status_code == 401
+        assert httpx.post(c.url + "/v1/completions", json=body()).status_code == 401
+    finally:
+        c.close()
+
+
+def test_admin_add_stops_at_the_engine_count_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("eldr.proxy.admin.MAX_ENGINES", 2)
+    c = Cluster(admin_token="tok")
+    try:
+        r = httpx.post(
+            c.url + "/admin/decode",
+            json={"url": "http://127.0.0.1:9"},
+            headers={"Authorization": "Bearer tok"},
+        )
+        assert r.status_code == 409 and "2 decode instances" in r.json()["error"]["message"]
+        assert len(c.state.decode) == 2
     finally:
         c.close()
 

@@ -1,13 +1,16 @@
 """`eldr serve`: the OpenAI-compatible prefill/decode proxy with ELDR decode routing.
 
-The web stack (starlette, uvicorn, aiohttp, prometheus-client, pyyaml: the `serve` extra) is imported
-inside `run`, so `eldr --help` works without it.
+The web stack (starlette, httptools, uvloop, orjson, prometheus-client, pyyaml: the `serve` extra) is
+imported inside `run`, so `eldr --help` works without it. The proxy runs on its own HTTP server
+(`eldr.proxy.server`), on uvloop when it is installed.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import resource
 from typing import Any
 
 from eldr.commands.arguments import engine_url, float_in, int_in, nonempty_text, tau_value
@@ -104,10 +107,73 @@ _FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ),
     ("--max-body-bytes", "max_body_bytes", int, "largest request body; beyond it: 413 (default 16 MiB)"),
     (
+        "--max-body-bytes-in-flight",
+        "max_body_bytes_in_flight",
+        int,
+        "request body bytes held by all requests inside the proxy together; a body that does not fit: "
+        "429 + Retry-After, before it is read when it declares its length (default 256 MiB, at least "
+        "--max-body-bytes)",
+    ),
+    (
         "--max-answer-bytes",
         "max_answer_bytes",
         int,
         "largest engine answer read whole, or SSE event relayed; beyond it the leg fails (default 256 MiB)",
+    ),
+    (
+        "--max-answer-header-bytes",
+        "max_answer_header_bytes",
+        int,
+        "largest status line + headers of an engine's answer (and of a chunked answer's framing and "
+        "trailers); beyond it the leg fails and fails over (default 64 KiB)",
+    ),
+    (
+        "--offload-answer-bytes",
+        "offload_answer_bytes",
+        int,
+        "prefill answers larger than this (vLLM's routed-expert lists of long prompts) are parsed in a "
+        "worker process, off the event loop (default 1 MiB; 0 = every answer)",
+    ),
+    (
+        "--max-header-bytes",
+        "max_header_bytes",
+        int,
+        "largest request line + headers of a client request; beyond it: 431 and the connection is closed, "
+        "the rest unread (default 64 KiB)",
+    ),
+    (
+        "--client-header-timeout-s",
+        "client_header_timeout_s",
+        float,
+        "time a client has for a request's head, from the connection's start or the request's first byte; "
+        "then 408 and the connection is closed (default 10)",
+    ),
+    (
+        "--client-body-timeout-s",
+        "client_body_timeout_s",
+        float,
+        "time a client has for a request's whole body after its head; then 408, connection closed "
+        "(default 60)",
+    ),
+    (
+        "--client-write-timeout-s",
+        "client_write_timeout_s",
+        float,
+        "a client that takes none of its answer's bytes this long (stopped reading a stream) is "
+        "disconnected and its request cancelled (default 30)",
+    ),
+    (
+        "--max-connections",
+        "max_connections",
+        int,
+        "open client connections; beyond it a new one gets 503 + Retry-After and is closed (default 4096; "
+        "lowered at start, with a warning, to what the open-files limit allows)",
+    ),
+    (
+        "--shutdown-timeout-s",
+        "shutdown_timeout_s",
+        float,
+        "on SIGTERM/SIGINT: time running requests get to finish before they are cut (default 10)",
     ),
     ("--health-interval-s", "health_interval_s", float, "seconds between active health checks (default 2)"),
     ("--health-timeout-s", "health_timeout_s", float, "timeout of one health check (default 2)"),
@@ -127,7 +193,13 @@ _FLAGS: tuple[tuple[str, str, Any, str], ...] = (
         "eldr: refit the centroids after this many routed signatures, off the event loop (default 0 = off)",
     ),
     ("--refit-window", "refit_window", int, "eldr: recent signatures a refit clusters (default 2000)"),
-    ("--api-key", "api_key", str, "clients must send Authorization: Bearer KEY (default: no key)"),
+    (
+        "--api-key",
+        "api_key",
+        str,
+        "clients must send Authorization: Bearer KEY on /v1/* (and /health, /metrics unless "
+        "--public-health-metrics; default: no key)",
+    ),
     ("--admin-token", "admin_token", str, "enables /admin/* with Authorization: Bearer TOKEN (default: off)"),
     (
         "--forward-auth",
@@ -188,6 +260,23 @@ def register(sub: Any) -> None:
     for flag, dest, kind, text in _FLAGS:
         p.add_argument(flag, dest=dest, type=_checked(dest, kind), default=None, help=text)
     p.add_argument(
+        "--admin-engine-host",
+        action="append",
+        dest="admin_engine_hosts",
+        type=nonempty_text,
+        metavar="HOST",
+        help="a host /admin/decode may add engines on: an address, a network (10.0.0.0/8), a host name or "
+        ".domain (repeat; default: only the hosts of the --prefill/--decode URLs)",
+    )
+    p.add_argument(
+        "--public-health-metrics",
+        dest="public_health_metrics",
+        action="store_const",
+        const=True,
+        default=None,
+        help="with --api-key: serve /health and /metrics without the key (default: they need it)",
+    )
+    p.add_argument(
         "--allow-public-host",
         dest="allow_public_host",
         action="store_const",
@@ -218,15 +307,44 @@ def load_config(args: argparse.Namespace) -> Any:
         decode=args.decode,
         models=args.models,
         allow_public_host=args.allow_public_host,
+        admin_engine_hosts=args.admin_engine_hosts,
+        public_health_metrics=args.public_health_metrics,
     )
     return build_config(file_values, flags)
 
 
+FD_RESERVE = 64  # open files beyond the connections: listening socket, logs, the loop's own
+
+
+def fit_to_open_files(config: Any) -> Any:
+    """Raise the open-files limit to what `max_connections` client connections and one upstream
+    connection per admitted request need; where the hard limit is lower, lower `max_connections`
+    (with a warning) rather than fail on accept under load."""
+    engines = len(config.prefill) + len(config.decode)
+    needed = config.max_connections + config.max_concurrency + 2 * engines + FD_RESERVE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        fitted = max(1, soft - config.max_concurrency - 2 * engines - FD_RESERVE)
+        logging.getLogger("eldr.proxy").warning(
+            "the open-files limit (%d) holds %d client connections, not max_connections %d: lowered",
+            soft,
+            fitted,
+            config.max_connections,
+        )
+        return config.replace(max_connections=fitted)
+    return config
+
+
 def run(args: argparse.Namespace) -> int:
     try:
-        import uvicorn
-
-        from eldr.proxy.app import build_app
+        from eldr.proxy.app import build_app, server_for
     except ImportError as exc:
         raise ConfigError(f"eldr serve needs the serve extra (pip install 'eldr[serve]'): {exc}") from exc
     from eldr.partition import Partition
@@ -235,15 +353,16 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    config = fit_to_open_files(config)
     uses_partition = config.policy in ("eldr", FEWEST_NEW_EXPERTS)  # fewest-new-experts: for its top_k
     partition = Partition.load(config.partition) if config.partition and uses_partition else None
-    app = build_app(config, partition)
-    uvicorn.run(
-        app,
-        host=config.host,
-        port=config.port,
-        log_level=config.log_level,
-        access_log=False,
-        timeout_keep_alive=int(config.keep_alive_s),
-    )
+    server = server_for(build_app(config, partition))
+    try:
+        import uvloop
+
+        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    except ImportError:
+        runner = asyncio.Runner()
+    with runner:
+        runner.run(server.serve(config.host, config.port))
     return 0

@@ -7,6 +7,12 @@
 
 A new instance takes a copy of the busiest instance's centroid (see `eldr.proxy.routing`); with
 online refit on, the next refit spreads the centroids over the enlarged pool.
+
+An added URL must be on an allowed host (`admin_engine_hosts`: addresses, networks, host names,
+`.domain`; by default only the hosts of the configured engines), else 403: a leaked admin token does
+not turn the proxy into a client of any host. URLs are compared by `engineurl.url_identity`
+(`localhost` = `127.0.0.1`, default port, case, trailing slash), so one engine cannot be added twice
+under two spellings (409), and either spelling drains it. At most `MAX_ENGINES` decode instances (409).
 """
 
 from __future__ import annotations
@@ -19,8 +25,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from eldr.engineurl import url_identity
 from eldr.errors import ConfigError
-from eldr.proxy.config import check_url
+from eldr.proxy.config import (
+    MAX_ENGINES,
+    AllowedHost,
+    ServeConfig,
+    check_url,
+    is_allowed_host,
+    parse_allowed_host,
+)
 from eldr.proxy.openai_errors import ProxyError, error_response
 from eldr.proxy.workers import Worker
 
@@ -80,13 +94,34 @@ async def _authorized_url(request: Request) -> str | Response:
         return error_response(exc)
 
 
+def identity_host(url: str) -> str:
+    """The canonical host of an engine URL (as `url_identity` writes it)."""
+    return url_identity(url).split("://", 1)[1].rsplit(":", 1)[0]
+
+
+def allowed_hosts(config: ServeConfig) -> tuple[AllowedHost, ...]:
+    """The allowlist of `admin_engine_hosts`, or the configured engines' own hosts."""
+    if config.admin_engine_hosts:
+        return tuple(parse_allowed_host(e) for e in config.admin_engine_hosts)
+    return tuple(parse_allowed_host(identity_host(u)) for u in (*config.prefill, *config.decode))
+
+
 async def _add_decode(request: Request) -> Response:
     url = await _authorized_url(request)
     if isinstance(url, Response):
         return url
     state = request.app.state.proxy
+    host = identity_host(url)
+    if not is_allowed_host(host, allowed_hosts(state.config)):
+        return error_response(
+            ProxyError(403, f"host {host} is not in admin_engine_hosts", "permission_denied")
+        )
     if state.decode.index_of(url) is not None:
         return error_response(ProxyError(409, f"decode instance {url} is already in the pool", "conflict"))
+    if len(state.decode) >= MAX_ENGINES:
+        return error_response(
+            ProxyError(409, f"the pool holds {MAX_ENGINES} decode instances already", "conflict")
+        )
     state.decode.workers.append(Worker(url, "decode"))
     state.router.add_centroid()
     state.metrics.healthy.labels("decode", url).set(1.0)
@@ -106,6 +141,6 @@ async def _drain_decode(request: Request) -> Response:
         return error_response(ProxyError(409, "cannot drain the last decode instance", "conflict"))
     worker = state.decode.workers[index]
     worker.is_draining = True
-    state.metrics.healthy.labels("decode", url).set(0.0)
+    state.metrics.healthy.labels("decode", worker.url).set(0.0)
     state.reap_drained()
-    return JSONResponse({"draining": url, "in_flight": worker.in_flight})
+    return JSONResponse({"draining": worker.url, "in_flight": worker.in_flight})

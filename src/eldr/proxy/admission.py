@@ -1,7 +1,10 @@
-"""Admission control: at most `max_concurrency` requests inside, at most `max_queue` waiting.
+"""Admission control: at most `max_concurrency` requests inside, at most `max_queue` waiting, and at
+most `max_body_bytes_in_flight` bytes of request bodies held by the requests being read or served.
 
 A request over the queue limit is refused at once (429); one that waited `queue_timeout_s` for a
-slot is refused then (503). Both answers carry `Retry-After`.
+slot is refused then (503); a body that would take the bytes in flight over their budget is refused
+at once (429: its declared `Content-Length` before a byte of it is read, a chunked one as it
+arrives). All three answers carry `Retry-After`.
 """
 
 from __future__ import annotations
@@ -61,3 +64,36 @@ class Admission:
                 waiter.set_result(None)
                 return
         self.active -= 1
+
+
+class BodyBudget:
+    """Bytes of request bodies held by the requests inside the proxy, against one limit."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.in_use = 0
+
+    def reserve(self) -> Reservation:
+        return Reservation(self)
+
+
+class Reservation:
+    """One request's share of the `BodyBudget`; `release` gives it back (idempotent)."""
+
+    __slots__ = ("budget", "held")
+
+    def __init__(self, budget: BodyBudget) -> None:
+        self.budget = budget
+        self.held = 0
+
+    def grow(self, num_bytes: int) -> None:
+        """Hold `num_bytes` more; `Rejected(429, "body_budget")` when the budget has no room."""
+        budget = self.budget
+        if budget.in_use + num_bytes > budget.max_bytes:
+            raise Rejected(429, "body_budget")
+        budget.in_use += num_bytes
+        self.held += num_bytes
+
+    def release(self) -> None:
+        self.budget.in_use -= self.held
+        self.held = 0

@@ -25,6 +25,8 @@ from eldr.inputfile import read_text
 from eldr.limits import GIB, MAX_CONFIG_BYTES, MAX_SEED, MAX_TIMEOUT_S, MIB
 from eldr.policy import DEFAULT_LAM, DEFAULT_TAU, FEWEST_NEW_EXPERTS, SERVE_POLICIES, check_tau
 
+KIB = 1024
+
 DECODE_POLICIES = SERVE_POLICIES
 PREFILL_POLICIES = ("least-loaded", "prefix-hash")
 LOAD_SIGNALS = ("router", "blend")
@@ -49,7 +51,16 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "max_queue": (0, 1_000_000, False),
     "queue_timeout_s": (0.0, MAX_TIMEOUT_S, True),
     "max_body_bytes": (1, 1 * GIB, False),
+    "max_body_bytes_in_flight": (1, 64 * GIB, False),
     "max_answer_bytes": (1, 4 * GIB, False),
+    "max_answer_header_bytes": (1 * KIB, 16 * MIB, False),
+    "offload_answer_bytes": (0, 4 * GIB, False),
+    "max_header_bytes": (1 * KIB, 16 * MIB, False),
+    "client_header_timeout_s": (0.0, MAX_TIMEOUT_S, True),
+    "client_body_timeout_s": (0.0, MAX_TIMEOUT_S, True),
+    "client_write_timeout_s": (0.0, MAX_TIMEOUT_S, True),
+    "max_connections": (1, 1_000_000, False),
+    "shutdown_timeout_s": (0.0, MAX_TIMEOUT_S, True),
     "health_interval_s": (0.0, MAX_TIMEOUT_S, True),
     "health_timeout_s": (0.0, MAX_TIMEOUT_S, True),
     "eject_after": (1, 1_000_000, False),
@@ -60,7 +71,8 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "lam": (0.0, 1e6, False),
 }
 MAX_MODELS = 1024  # served model names
-MAX_ENGINES = 4096  # prefill or decode URLs
+MAX_ENGINES = 4096  # prefill or decode URLs (also the most the admin API may add up to)
+MAX_ALLOWED_HOSTS = 1024  # entries of admin_engine_hosts
 
 
 @dataclass(frozen=True)
@@ -97,7 +109,19 @@ class ServeConfig:
     max_queue: int = 1024  # requests waiting for a slot; beyond: 429
     queue_timeout_s: float = 10.0  # longest wait for a slot; beyond: 503
     max_body_bytes: int = 16 * 1024 * 1024
+    # request bodies held by the requests inside the proxy, together; beyond: 429 + Retry-After
+    max_body_bytes_in_flight: int = 256 * 1024 * 1024
     max_answer_bytes: int = 256 * 1024 * 1024  # an engine's answer (or one SSE event); beyond: a failed leg
+    max_answer_header_bytes: int = 64 * 1024  # an engine answer's status line + headers; beyond: a failed leg
+    # prefill answers larger than this are parsed (JSON, routed experts) in a worker process, off the loop
+    offload_answer_bytes: int = 1024 * 1024
+    # client connections (eldr.proxy.server)
+    max_header_bytes: int = 64 * 1024  # request line + headers; beyond: 431, connection closed
+    client_header_timeout_s: float = 10.0  # the whole request head; beyond: 408, connection closed
+    client_body_timeout_s: float = 60.0  # the whole request body after its head; beyond: 408
+    client_write_timeout_s: float = 30.0  # a client that takes no bytes this long is disconnected
+    max_connections: int = 4096  # open client connections; beyond: 503 + Retry-After, closed
+    shutdown_timeout_s: float = 10.0  # on SIGTERM/SIGINT: running requests' time to finish
     # health checks
     health_interval_s: float = 2.0
     health_timeout_s: float = 2.0
@@ -110,7 +134,11 @@ class ServeConfig:
     refit_window: int = 2000
     # security
     api_key: str | None = None  # clients must send `Authorization: Bearer <api_key>`
+    public_health_metrics: bool = False  # with api_key: /health and /metrics answer without it
     admin_token: str | None = None  # enables /admin/*; send `Authorization: Bearer <admin_token>`
+    # hosts /admin/decode may add engines on: IP addresses, networks (10.0.0.0/8), host names;
+    # empty: the hosts of the configured --prefill/--decode URLs only
+    admin_engine_hosts: tuple[str, ...] = ()
     forward_auth: str = "none"  # none | client (relay the client's header) | engine-key
     engine_api_key: str | None = None  # sent to engines with forward_auth = engine-key
     log_level: str = "info"
@@ -147,6 +175,12 @@ class ServeConfig:
             raise ConfigError("refit_every needs policy eldr")
         if self.refit_every and self.refit_window < len(self.decode):
             raise ConfigError("refit_window must hold at least one request per decode instance")
+        if self.max_body_bytes_in_flight < self.max_body_bytes:
+            raise ConfigError(
+                f"max_body_bytes_in_flight ({self.max_body_bytes_in_flight}) must be at least max_body_bytes "
+                f"({self.max_body_bytes}): a request of the largest size could never be admitted"
+            )
+        _check_allowed_hosts(self.admin_engine_hosts)
 
     def replace(self, **changes: Any) -> ServeConfig:
         return dataclasses.replace(self, **changes)
@@ -166,6 +200,56 @@ def _check_engines(role: str, urls: tuple[str, ...]) -> None:
         if identity in seen:
             raise ConfigError(f"{role} URLs {seen[identity]!r} and {url!r} name the same engine ({identity})")
         seen[identity] = url
+
+
+def _check_allowed_hosts(entries: tuple[str, ...]) -> None:
+    if len(entries) > MAX_ALLOWED_HOSTS:
+        raise ConfigError(f"admin_engine_hosts holds at most {MAX_ALLOWED_HOSTS} entries, got {len(entries)}")
+    for entry in entries:
+        try:
+            parse_allowed_host(entry)
+        except ValueError:
+            raise ConfigError(
+                "admin_engine_hosts entries must be IP addresses, networks (10.0.0.0/8) or host names, "
+                f"got {reprlib.repr(entry)}"
+            ) from None
+
+
+AllowedHost = ipaddress.IPv4Network | ipaddress.IPv6Network | str
+
+
+def parse_allowed_host(entry: str) -> AllowedHost:
+    """An allowlist entry: a network (an address is a /32 or /128), a lower-case host name, or
+    `.domain` (every name under it); `ValueError` for anything else. `localhost` is 127.0.0.1, as in
+    `engineurl.url_identity`."""
+    text = entry.strip().lower().rstrip(".")
+    if not text or len(text) > 253 or not text.isprintable():
+        raise ValueError(entry)
+    try:
+        return ipaddress.ip_network(text.strip("[]"), strict=False)
+    except ValueError:
+        pass
+    name = text[1:] if text.startswith(".") else text
+    if not name or not all(c.isalnum() or c in "-._" for c in name) or name.startswith((".", "-")):
+        raise ValueError(entry)
+    if text == "localhost":
+        return ipaddress.ip_network("127.0.0.1/32")
+    return text
+
+
+def is_allowed_host(host: str, allowed: tuple[AllowedHost, ...]) -> bool:
+    """Whether `host` (canonical, as `url_identity` writes it) is in the allowlist."""
+    try:
+        address: Any = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        address = None
+    for entry in allowed:
+        if isinstance(entry, str):
+            if address is None and (host == entry or (entry.startswith(".") and host.endswith(entry))):
+                return True
+        elif address is not None and address.version == entry.version and address in entry:
+            return True
+    return False
 
 
 def _check_host(host: str, allow_public_host: bool) -> None:
@@ -206,7 +290,7 @@ def _check_range(name: str, value: float, low: float, high: float, is_low_open: 
 
 
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(ServeConfig))
-_TUPLES = ("prefill", "decode", "models")
+_TUPLES = ("prefill", "decode", "models", "admin_engine_hosts")
 
 
 _KINDS = {f.name: str(f.type) for f in dataclasses.fields(ServeConfig)}

@@ -4,14 +4,13 @@ The ASGI server reports a closed client connection as an `http.disconnect` messa
 (once the request body has been read, the next message is that, or nothing until the response is done).
 One watcher task per request waits for it and cancels the request's own task, which cancels whatever
 it awaits — an upstream request, a stream relay — and so closes those connections too. A client that
-keeps its connection but stops reading blocks the relay's writes instead: `StalledWrites` cancels the
-task when one write has waited too long.
+keeps its connection but stops reading is disconnected by the HTTP server once its writes have waited
+`client_write_timeout_s` (`eldr.proxy.server`), which this watcher then sees like any disconnect.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
 
 from starlette.types import Receive
 
@@ -54,30 +53,3 @@ class DisconnectWatch(_TaskCancel):
     def stop(self) -> None:
         self._is_stopped = True
         self._watcher.cancel()
-
-
-class StalledWrites(_TaskCancel):
-    """Cancels the current task when one guarded write has waited `limit_s` (a client that stopped
-    reading); checked by one timer every `limit_s`, not per write."""
-
-    def __init__(self, limit_s: float) -> None:
-        super().__init__()
-        self._loop = asyncio.get_running_loop()
-        self._limit_s = limit_s
-        self._since: float | None = None  # when the write now waiting started
-        self._handle = self._loop.call_later(limit_s, self._check)
-
-    async def guard(self, write: Awaitable[None]) -> None:
-        self._since = self._loop.time()
-        await write
-        self._since = None
-
-    def _check(self) -> None:
-        since = self._since
-        if since is not None and self._loop.time() - since >= self._limit_s:
-            self._cancel_task()
-        else:
-            self._handle = self._loop.call_later(self._limit_s, self._check)
-
-    def stop(self) -> None:
-        self._handle.cancel()

@@ -3,7 +3,10 @@
 vLLM's disaggregation protocol (its example proxy, NixlConnector pull mode): the prefill instance gets
 a copy of the body with `max_tokens: 1`, `stream: false` and `kv_transfer_params` asking for a remote
 decode; its answer's `kv_transfer_params` go with the original body to the decode instance, which pulls
-the KV cache. Both legs carry the same `X-Request-Id`.
+the KV cache. Both legs of one attempt carry the same `X-Request-Id`: the proxy's own id for the
+request (`uuid4().hex`), `<id>-retry<n>` for the n-th failover, so no two live legs an engine sees
+share an id even when clients reuse theirs (an engine keys its KV transfer by it). A client's own
+`X-Request-Id` is not sent to the engines: it is logged with the proxy's id and echoed back.
 
 Failover: a failed prefill is retried on another prefill instance; a decode that fails before its
 first byte re-runs the prefill (the old `kv_transfer_params` name blocks the failed attempt may have
@@ -15,6 +18,14 @@ Each decode leg is routed under its own id (`<X-Request-Id>#<n>`, unique even wh
 their ids or a request fails over), and its lease releases that id from the decode policy when the leg
 ends — answer, refusal, engine failure, timeout, oversize answer, failover, client gone — exactly once
 (a stateful policy such as `fewest-new-experts` forgets the leg's experts then).
+
+A prefill answer larger than `offload_answer_bytes` (vLLM's routed-expert lists of a long prompt run
+to tens of MB) is parsed and its signature decoded in a worker process (`answers.py`), so that the
+event loop keeps serving everyone else meanwhile.
+
+Failures carry two texts: a public one for the client (`timed out`, `HTTP 500`, `answer too large`,
+...) and the detail with the engine's address for the log; a request that ends in 503 logs every
+attempt's detail in one line.
 """
 
 from __future__ import annotations
@@ -33,13 +44,14 @@ import orjson
 
 from eldr.errors import NoHealthyWorkerError
 from eldr.policy import RequestView
+from eldr.proxy.answers import AnswerParser, ParsedAnswer, ParserFailed
 from eldr.proxy.config import ServeConfig
 from eldr.proxy.metrics import Metrics
 from eldr.proxy.openai_errors import ProxyError
 from eldr.proxy.relay import UPSTREAM_ERRORS, Reply, StreamReply
 from eldr.proxy.routing import DecodeRouter, PrefillChooser
-from eldr.proxy.signatures import extract_signature, strip_payload
-from eldr.proxy.upstream import UpstreamClient, UpstreamResponse
+from eldr.proxy.signatures import strip_payload
+from eldr.proxy.upstream import AnswerTooLarge, UpstreamClient, UpstreamResponse
 from eldr.proxy.workers import Pool, Worker
 
 log = logging.getLogger("eldr.proxy")
@@ -55,7 +67,13 @@ REMOTE_DECODE = {
 
 
 class LegFailed(Exception):
-    """An upstream leg failed in a way another instance may not (connection, timeout, 5xx)."""
+    """An upstream leg failed in a way another instance may not (connection, timeout, 5xx): `public`
+    says how without naming the engine (for the client), `detail` with it (for the log)."""
+
+    def __init__(self, public: str, detail: str | None = None) -> None:
+        super().__init__(public)
+        self.public = public
+        self.detail = detail or public
 
 
 class UpstreamRefused(Exception):
@@ -70,8 +88,14 @@ class UpstreamRefused(Exception):
 class ClientRequest:
     path: str  # /v1/completions or /v1/chat/completions
     body: dict[str, Any]
-    request_id: str
+    request_id: str  # the proxy's own, unique per client request
     authorization: str | None
+    client_id: str | None = None  # the client's X-Request-Id, for the log and the answer
+
+    @property
+    def echo_id(self) -> str:
+        """The X-Request-Id of the answer: the client's, or the proxy's when the client sent none."""
+        return self.client_id or self.request_id
 
     @property
     def is_stream(self) -> bool:
@@ -121,9 +145,11 @@ class Forwarder:
         router: DecodeRouter,
         metrics: Metrics,
         client: UpstreamClient,
+        answers: AnswerParser | None = None,
     ) -> None:
         self.config, self.prefill, self.chooser, self.router = config, prefill, chooser, router
         self.metrics, self.client = metrics, client
+        self.answers = answers or AnswerParser(config.offload_answer_bytes)
         self.policy_name = config.policy
         self.on_routed: Callable[[], None] = _nothing  # called after each decision (refit trigger)
         self._legs = itertools.count()  # numbers the decode legs: the policy's request ids
@@ -146,7 +172,8 @@ class Forwarder:
         """The client's answer: JSON, an SSE stream to relay, or an OpenAI-style error."""
         failed_prefill: set[int] = set()
         failed_decode: set[int] = set()
-        reasons: list[str] = []
+        reasons: list[str] = []  # for the client: no addresses
+        details: list[str] = []  # for the log
         for attempt in range(self.config.max_attempts):
             request_id = request.request_id if attempt == 0 else f"{request.request_id}-retry{attempt}"
             headers = self.headers(request, request_id)
@@ -158,7 +185,8 @@ class Forwarder:
                 answer = await self.run_prefill(self.prefill.workers[p_index], request, headers)
             except LegFailed as exc:
                 failed_prefill.add(p_index)
-                reasons.append(f"prefill {self.prefill.workers[p_index].url}: {exc}")
+                reasons.append(f"prefill: {exc.public}")
+                details.append(f"prefill {self.prefill.workers[p_index].url} as {request_id}: {exc.detail}")
                 self.metrics.retries.labels("prefill").inc()
                 continue
             try:
@@ -170,17 +198,26 @@ class Forwarder:
                 return await self.run_decode(worker, request, body, headers, leg)
             except LegFailed as exc:
                 failed_decode.add(d_index)
-                reasons.append(f"decode {worker.url}: {exc}")
+                reasons.append(f"decode: {exc.public}")
+                details.append(f"decode {worker.url} as {request_id}: {exc.detail}")
                 self.metrics.retries.labels("decode").inc()
-        detail = "; ".join(reasons[-3:]) or "no healthy instance"
+        log.warning(
+            "request %s (client id %r) answered 503: %s",
+            request.request_id,
+            request.client_id,
+            "; ".join(details) or "no healthy instance",
+        )
+        reason = "; ".join(reasons[-3:]) or "no healthy instance"
         raise ProxyError(
             503,
-            f"no prefill/decode instance could serve the request ({detail})",
+            f"no prefill/decode instance could serve the request ({reason})",
             "service_unavailable",
             retry_after_s=1,
         )
 
-    async def run_prefill(self, worker: Worker, request: ClientRequest, headers: dict[str, str]) -> Any:
+    async def run_prefill(
+        self, worker: Worker, request: ClientRequest, headers: dict[str, str]
+    ) -> ParsedAnswer:
         body = dict(request.body)
         body["kv_transfer_params"] = dict(REMOTE_DECODE)
         body["stream"] = False
@@ -204,14 +241,14 @@ class Forwarder:
             if status >= 400:
                 outcome = "refused"
                 raise UpstreamRefused(Reply(status, content, response.content_type))
-            answer = orjson.loads(content)
+            answer = await self.answers.parse(content, self.router.num_experts, deadline)
             outcome = "ok"
             return answer
         except TimeoutError as exc:
             outcome = "timeout"
             raise LegFailed("timed out") from exc
         except (*UPSTREAM_ERRORS, orjson.JSONDecodeError) as exc:
-            raise LegFailed(_why(exc)) from exc
+            raise LegFailed(_public(exc), _why(exc)) from exc
         except asyncio.CancelledError:
             outcome = "cancelled"
             raise
@@ -221,12 +258,12 @@ class Forwarder:
             lease.release(outcome)
 
     def route(
-        self, request: ClientRequest, answer: Any, p_index: int, failed_decode: set[int]
+        self, request: ClientRequest, answer: ParsedAnswer, p_index: int, failed_decode: set[int]
     ) -> tuple[int, dict[str, Any], str]:
         """The decode instance, the decode body (original + the engine's kv_transfer_params) and the
         leg's id in the decode policy (`run_decode` releases it)."""
-        started = time.perf_counter()
-        extracted = extract_signature(answer, self.router.num_experts)
+        started = answer.parse_started
+        extracted = answer.signature
         counts, error = extracted.counts, extracted.error
         if counts is not None and self.expected_shape is not None and counts.shape != self.expected_shape:
             error = (
@@ -239,8 +276,7 @@ class Forwarder:
         if error is not None:
             self.note_malformed(self.prefill.workers[p_index], error)
         body = dict(request.body)
-        params = answer.get("kv_transfer_params") if isinstance(answer, dict) else None
-        body["kv_transfer_params"] = strip_payload(params)
+        body["kv_transfer_params"] = strip_payload(answer.kv_transfer_params)
         leg = f"{request.request_id}#{next(self._legs)}"
         decision = self.router.choose(RequestView(leg, counts), failed_decode)
         try:
@@ -280,7 +316,6 @@ class Forwarder:
         loop = asyncio.get_running_loop()
         # decode_timeout_s bounds the wait for the first byte (streams) or the whole answer (JSON)
         deadline = loop.time() + self.config.decode_timeout_s
-        reply_headers = [(b"x-request-id", headers["X-Request-Id"].encode("latin-1"))]
         try:
             response = await self.client.request(
                 self.client.endpoint(worker.url),
@@ -297,7 +332,7 @@ class Forwarder:
             if status >= 400 or not is_stream:
                 content = await response.read(deadline, self.config.max_answer_bytes)
                 lease.release("refused" if status >= 400 else "ok")
-                return Reply(status, content, response.content_type, reply_headers)
+                return Reply(status, content, response.content_type, [])
             idle_s = self.config.stream_idle_timeout_s
             first = await response.next_chunk(max(min(deadline - loop.time(), idle_s), 0.0))
             if not first:
@@ -313,20 +348,31 @@ class Forwarder:
         except UPSTREAM_ERRORS as exc:
             _close(response)
             lease.release("error")
-            raise LegFailed(_why(exc)) from exc
+            raise LegFailed(_public(exc), _why(exc)) from exc
         except BaseException:
             _close(response)
             lease.release("cancelled")
             raise
-        return StreamReply(
-            status, first, response, lease.release, idle_s, reply_headers, self.config.max_answer_bytes
-        )
+        return StreamReply(status, first, response, lease.release, idle_s, [], self.config.max_answer_bytes)
 
 
 def _close(response: UpstreamResponse | None) -> None:
     """Drop an upstream answer; its connection goes back to the pool only if it was read to the end."""
     if response is not None:
         response.close()
+
+
+def _public(exc: BaseException) -> str:
+    """What went wrong, for the client: no address, no errno."""
+    if isinstance(exc, AnswerTooLarge):
+        return "answer too large"
+    if isinstance(exc, orjson.JSONDecodeError):
+        return "malformed answer"
+    if isinstance(exc, ParserFailed):
+        return "answer could not be parsed"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return "engine connection failed"
 
 
 def _why(exc: BaseException) -> str:

@@ -20,6 +20,11 @@
 | eldr_stream_errors_total               | counter   | reason                     |
 | eldr_client_disconnects_total          | counter   |                            |
 | eldr_refits_total                      | counter   |                            |
+| eldr_client_protocol_errors_total      | counter   | reason                     |
+| eldr_client_connections                | gauge     |                            |
+| eldr_body_bytes_in_flight              | gauge     |                            |
+| eldr_requests_inside                   | gauge     |                            |
+| eldr_requests_queued                   | gauge     |                            |
 
 The values are plain Python numbers updated on the event loop, the only writer (a scrape runs there
 too), and exported through a prometheus-client collector at scrape time: an update is a dict lookup
@@ -102,6 +107,9 @@ class Family:
     # an unlabelled family is its own series
     def inc(self, amount: float = 1.0) -> None:
         self._single.inc(amount)
+
+    def set(self, value: float) -> None:
+        self._single.set(value)
 
     def observe(self, amount: float) -> None:
         self._single.observe(amount)
@@ -204,6 +212,18 @@ class Metrics:
         )
         self.disconnects = Family("counter", "eldr_client_disconnects", "clients gone before the answer")
         self.refits = Family("counter", "eldr_refits", "online refits of the decode centroids")
+        self.client_errors = Family(
+            "counter",
+            "eldr_client_protocol_errors",
+            "client connections answered or closed by the HTTP server's limits",
+            ("reason",),
+        )
+        self.client_connections = Family("gauge", "eldr_client_connections", "open client connections")
+        self.body_bytes_in_flight = Family(
+            "gauge", "eldr_body_bytes_in_flight", "request body bytes held by the requests inside"
+        )
+        self.requests_inside = Family("gauge", "eldr_requests_inside", "requests holding an admission slot")
+        self.requests_queued = Family("gauge", "eldr_requests_queued", "requests waiting for a slot")
         self.registry = CollectorRegistry()
         self.registry.register(self)
 

@@ -3,8 +3,9 @@
 Both are written straight to the ASGI server (no response objects on the hot path). A relayed stream
 holds the decode leg's lease until its last byte and passes on whole SSE events only; an upstream
 failure half-way ends it with an SSE error event and `[DONE]`, a client gone half-way (or one that
-stopped reading for `stream_idle_timeout_s`) stops it and closes the upstream connection, and
-whatever way it ends the lease is released exactly once.
+stopped reading: the HTTP server disconnects it after `client_write_timeout_s`, `eldr.proxy.server`)
+stops it and closes the upstream connection, and whatever way it ends the lease is released exactly
+once.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 import orjson
 from starlette.types import Send
 
-from eldr.proxy.disconnect import DisconnectWatch, StalledWrites
+from eldr.proxy.disconnect import DisconnectWatch
 from eldr.proxy.metrics import Metrics
 from eldr.proxy.upstream import AnswerTooLarge, UpstreamError, UpstreamResponse
 
@@ -68,30 +69,23 @@ class StreamReply:
         """Relay the stream to the client; never raises for the client's or the engine's failures.
 
         Only whole SSE events go out (an event cut by an engine failure never reaches the client
-        half-way); a client that takes more than `idle_timeout_s` to accept one write is dropped."""
+        half-way); a client that stopped reading is disconnected by the server (`watch` sees it)."""
         outcome = "cancelled"
         idle_s = self.idle_timeout_s
-        stalled = StalledWrites(idle_s)
         cutter = _EventCutter(self.max_event_bytes)
         try:
             start = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), *self.headers]
-            await stalled.guard(
-                send({"type": "http.response.start", "status": self.status, "headers": start})
-            )
+            await send({"type": "http.response.start", "status": self.status, "headers": start})
             chunk = self.first
             try:
                 while chunk:
                     whole = cutter.whole_events(chunk)
                     if whole:
-                        await stalled.guard(
-                            send({"type": "http.response.body", "body": whole, "more_body": True})
-                        )
+                        await send({"type": "http.response.body", "body": whole, "more_body": True})
                     chunk = await self.upstream.next_chunk(idle_s)
                 outcome = "ok"
                 if cutter.tail:  # the engine ended without a blank line: pass the rest on as it is
-                    await stalled.guard(
-                        send({"type": "http.response.body", "body": cutter.tail, "more_body": True})
-                    )
+                    await send({"type": "http.response.body", "body": cutter.tail, "more_body": True})
             except UPSTREAM_ERRORS as exc:
                 if cutter.is_done:  # [DONE] went out: the answer is complete, only its framing broke
                     outcome = "ok"
@@ -103,17 +97,14 @@ class StreamReply:
                     self.upstream.close()
                     self.release(outcome)
                     event = _error_event(exc)
-                    await stalled.guard(
-                        send({"type": "http.response.body", "body": event, "more_body": True})
-                    )
-            await stalled.guard(send({"type": "http.response.body", "body": b"", "more_body": False}))
+                    await send({"type": "http.response.body", "body": event, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
-            if not (watch.has_cancelled() or stalled.has_cancelled()):
+            if not watch.has_cancelled():
                 raise
         except OSError:  # the client's connection broke while sending
             pass
         finally:
-            stalled.stop()
             if outcome == "cancelled":
                 metrics.disconnects.inc()
             self.upstream.close()

@@ -8,7 +8,9 @@
 3. nothing usable: `counts` is None and the request is routed by JSQ (a counted fallback).
 
 A present but malformed signature gives `error` (a one-line reason) and no counts; it never fails the
-request. `.npy` data is read with `allow_pickle=False`.
+request. `.npy` data is never unpickled, and its header is checked before anything is allocated: an
+integer dtype, three dimensions, and a shape whose data is exactly what the bytes hold (a header that
+declares a huge shape is malformed, not a `MemoryError`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import tokenize
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from eldr.errors import InvalidInputError
+from eldr.limits import MAX_NPY_HEADER_BYTES
 from eldr.payload import PAYLOAD_KEY, wire_counts
 from eldr.signature import counts_from_topk
 
@@ -67,14 +71,40 @@ def _from_ids(source: str, load: Any, num_experts: int | None) -> Extracted:
         return Extracted(counts_from_topk(ids, num_experts), source)
     except (InvalidInputError, ValueError, TypeError, binascii.Error) as exc:
         return Extracted(None, source, f"malformed {source}: {exc}")
+    except MemoryError:
+        return Extracted(None, source, f"malformed {source}: too large to decode")
 
 
 def _load_npy(encoded: Any) -> npt.NDArray[Any]:
+    """The `[T, L, k]` ids of a base64 `.npy`: header checked first, data viewed, never copied."""
     if not isinstance(encoded, str):
         raise InvalidInputError(f"routed_experts must be a base64 string, got {type(encoded).__name__}")
     raw = base64.b64decode(encoded, validate=True)
-    array: npt.NDArray[Any] = np.load(io.BytesIO(raw), allow_pickle=False)
-    return array
+    stream = io.BytesIO(raw)
+    npy: Any = np.lib.format  # untyped in numpy's stubs
+    try:
+        version = npy.read_magic(stream)
+        readers = {(1, 0): npy.read_array_header_1_0, (2, 0): npy.read_array_header_2_0}
+        if version not in readers:
+            raise InvalidInputError(f"routed_experts: unsupported .npy version {version}")
+        shape, is_fortran, dtype = readers[version](stream, max_header_size=MAX_NPY_HEADER_BYTES)
+    except (ValueError, SyntaxError, RecursionError, tokenize.TokenError) as exc:
+        raise InvalidInputError(f"routed_experts: unreadable .npy header ({exc})") from None
+    if dtype.kind not in "iu" or dtype.hasobject:
+        raise InvalidInputError(f"expert ids must be integers, got dtype {dtype}")
+    if len(shape) != 3:
+        raise InvalidInputError(f"routed_experts must have shape [tokens, layers, k], got {shape}")
+    data = memoryview(raw)[stream.tell() :]
+    num_elements = 1
+    for n in shape:
+        num_elements *= n
+    if num_elements * dtype.itemsize != len(data):
+        raise InvalidInputError(
+            f"routed_experts declares shape {shape} of {dtype} ({num_elements * dtype.itemsize} bytes) "
+            f"but holds {len(data)} bytes"
+        )
+    array = np.frombuffer(data, dtype=dtype)
+    return array.reshape(shape[::-1]).T if is_fortran else array.reshape(shape)
 
 
 def strip_payload(params: Any) -> dict[str, Any] | None:

@@ -12,12 +12,14 @@ import logging
 from eldr.errors import PartitionMismatchError
 from eldr.partition import Partition
 from eldr.policy import FEWEST_NEW_EXPERTS
-from eldr.proxy.admission import Admission
+from eldr.proxy.admission import Admission, BodyBudget
+from eldr.proxy.answers import AnswerParser
 from eldr.proxy.config import ServeConfig
 from eldr.proxy.forwarding import Forwarder
 from eldr.proxy.health import check_all
 from eldr.proxy.metrics import Metrics
 from eldr.proxy.routing import DecodeRouter, PrefillChooser, compute_refit
+from eldr.proxy.server import HttpServer
 from eldr.proxy.upstream import UpstreamClient
 from eldr.proxy.workers import Pool, Worker
 
@@ -43,6 +45,9 @@ class ProxyState:
         self.decode = Pool("decode", config.decode, is_blended=is_blended)
         self.metrics = Metrics()
         self.admission = Admission(config.max_concurrency, config.max_queue, config.queue_timeout_s)
+        self.bodies = BodyBudget(config.max_body_bytes_in_flight)
+        self.answers = AnswerParser(config.offload_answer_bytes)
+        self.server: HttpServer | None = None  # set by app.server_for (connection counts for /metrics)
         self.router = DecodeRouter(
             self.decode,
             config.policy,
@@ -83,9 +88,13 @@ class ProxyState:
 
     async def start(self) -> None:
         # idle connections expire before the engines' (uvicorn's 5 s) keep-alive timeout to avoid reuse races
-        self.client = UpstreamClient(connect_timeout_s=self.config.connect_timeout_s, keepalive_s=2.0)
+        self.client = UpstreamClient(
+            connect_timeout_s=self.config.connect_timeout_s,
+            keepalive_s=2.0,
+            max_head_bytes=self.config.max_answer_header_bytes,
+        )
         self.forwarder = Forwarder(
-            self.config, self.prefill, self.chooser, self.router, self.metrics, self.client
+            self.config, self.prefill, self.chooser, self.router, self.metrics, self.client, self.answers
         )
         self.forwarder.on_routed = self.maybe_refit
         await self.check_health()
@@ -97,6 +106,7 @@ class ProxyState:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.client is not None:
             await self.client.close()
+        await self.answers.close()
 
     def spawn(self, coro: object) -> None:
         task = asyncio.ensure_future(coro)  # type: ignore[call-overload]

@@ -18,8 +18,13 @@ expire after `keepalive_s`, which must stay below the engines' own keep-alive ti
 uvicorn server), so no request is written to a connection the engine is closing; a connection the
 engine closed (EOF) is never reused. An error, a timeout, a cancellation or an answer dropped
 half-read closes its connection. Reading pauses while more than `HIGH_WATER_BYTES` of an answer wait
-for a slow consumer. Errors are `UpstreamError` (connection refused or lost, malformed answer, an
-answer over the reader's size limit: `AnswerTooLarge`) and `TimeoutError`.
+for a slow consumer. An answer's status line and headers may take at most `max_head_bytes` (the parser
+never sees more: httptools joins a header that arrives in pieces by concatenation, so an unbounded
+head costs time quadratic in its size), and the framing of a chunked body with its trailers at most
+`max_head_bytes` plus 64 bytes per chunk. Errors are `UpstreamError` (connection refused or lost,
+malformed answer, an answer, or its head, over its size limit: `AnswerTooLarge`) and `TimeoutError`.
+Endpoints are kept per engine identity (`engineurl.url_identity`): `localhost` and `127.0.0.1` share
+one pool of connections.
 """
 
 from __future__ import annotations
@@ -34,10 +39,13 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from eldr.engineurl import url_identity
 from eldr.proxy.config import check_url
 
 HIGH_WATER_BYTES = 256 * 1024  # pause reading from an engine above this much unconsumed answer
 LOW_WATER_BYTES = 64 * 1024
+DEFAULT_MAX_HEAD_BYTES = 64 * 1024  # an answer's status line + headers
+CHUNK_OVERHEAD_BYTES = 64  # per chunk of a chunked answer: its size line and CRLFs
 
 
 class UpstreamError(Exception):
@@ -113,6 +121,7 @@ class UpstreamResponse:
     def _feed(self, data: bytes) -> None:
         self._parts.append(data)
         self._num_buffered += len(data)
+        self._conn.num_body += len(data)
         if self._num_buffered > HIGH_WATER_BYTES:
             self._conn.pause()
         self._wake()
@@ -122,7 +131,7 @@ class UpstreamResponse:
         self._wake()
 
     def _fail(self, error: BaseException) -> None:
-        if not self._is_done:
+        if not self._is_done and self._error is None:  # the first reason stands
             self._error = error
             self._wake()
 
@@ -196,8 +205,15 @@ class UpstreamResponse:
 class _Connection(asyncio.Protocol):
     """One TCP connection to an engine; at most one request on it at a time."""
 
-    def __init__(self, endpoint: Endpoint, loop: asyncio.AbstractEventLoop, keepalive_s: float) -> None:
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        loop: asyncio.AbstractEventLoop,
+        keepalive_s: float,
+        max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES,
+    ) -> None:
         self.endpoint, self.loop, self.keepalive_s = endpoint, loop, keepalive_s
+        self.max_head_bytes = max_head_bytes
         self.transport: Any = None  # uvloop's transports are not asyncio.Transport subclasses
         self.parser = httptools.HttpResponseParser(self)
         self.response: UpstreamResponse | None = None
@@ -207,6 +223,11 @@ class _Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self.on_release: Callable[[], None] | None = None
         self.num_received = 0  # bytes received since the current request was sent
+        self.num_head = 0  # of which status lines and headers (before the final answer's headers ended)
+        self.num_body = 0  # of which body bytes passed on
+        self.num_chunks = 0  # chunks of a chunked body
+        self.num_trailer = 0  # bytes of its trailers
+        self.is_in_head = True  # the final answer's headers have not ended yet
         self.is_interim = False  # parsing a 1xx answer
 
     # ---- asyncio.Protocol
@@ -220,11 +241,35 @@ class _Connection(asyncio.Protocol):
         if response is None or response._is_done:  # talking out of turn: never trust this connection
             self.close()
             return
+        if self.is_in_head:
+            room = self.max_head_bytes - self.num_head
+            if len(data) > room:  # the parser never sees more of a head than the limit
+                self.num_head += room
+                if not self._parse(data[:room]):
+                    return
+                if self.is_in_head:
+                    self._fail(AnswerTooLarge(f"answer head over {self.max_head_bytes} bytes"))
+                    self.close()
+                    return
+                data = data[room:]
+            else:
+                self.num_head += len(data)
+        if not self._parse(data):
+            return
+        framing = self.num_received - self.num_head - self.num_body
+        if framing > self.max_head_bytes + CHUNK_OVERHEAD_BYTES * (self.num_chunks + 1):
+            self._fail(AnswerTooLarge(f"answer framing and trailers over {self.max_head_bytes} bytes"))
+            self.close()
+
+    def _parse(self, data: bytes) -> bool:
+        """Feed the parser; False (connection closed) when the data is not HTTP."""
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._fail(UpstreamError(f"malformed answer: {exc}"))
             self.close()
+            return False
+        return True
 
     def eof_received(self) -> bool:
         self.is_open = False
@@ -251,6 +296,11 @@ class _Connection(asyncio.Protocol):
         assert self.response is not None
         if not self.response.status:  # trailers (after a chunked body) do not replace headers
             self.response.headers[name.lower()] = value
+            return
+        self.num_trailer += len(name) + len(value) + 4
+        if self.num_trailer > self.max_head_bytes:
+            self._fail(AnswerTooLarge(f"answer framing and trailers over {self.max_head_bytes} bytes"))
+            raise UpstreamError("trailers too large")  # stops the parser
 
     def on_headers_complete(self) -> None:
         assert self.response is not None
@@ -259,6 +309,7 @@ class _Connection(asyncio.Protocol):
             self.is_interim = True
             self.response.headers.clear()
             return
+        self.is_in_head = False
         self.response.status = status
         waiter = self.headers_waiter
         if waiter is not None and not waiter.done():
@@ -267,6 +318,9 @@ class _Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         assert self.response is not None
         self.response._feed(body)
+
+    def on_chunk_header(self) -> None:
+        self.num_chunks += 1
 
     def on_message_complete(self) -> None:
         assert self.response is not None
@@ -312,7 +366,8 @@ class _Connection(asyncio.Protocol):
         if is_clean and self.is_open and not self.transport.is_closing():
             self.resume()
             self.parser = httptools.HttpResponseParser(self)
-            self.num_received = 0
+            self.num_received = self.num_head = self.num_body = self.num_chunks = self.num_trailer = 0
+            self.is_in_head = True
             self.idle_since = self.loop.time()
             self.endpoint.idle.append(self)
         else:
@@ -326,24 +381,38 @@ class UpstreamClient:
     """Requests to engines over pooled keep-alive connections (one client per proxy)."""
 
     def __init__(
-        self, *, connect_timeout_s: float, keepalive_s: float = 2.0, tls: ssl.SSLContext | None = None
+        self,
+        *,
+        connect_timeout_s: float,
+        keepalive_s: float = 2.0,
+        tls: ssl.SSLContext | None = None,
+        max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES,
     ) -> None:
         self.connect_timeout_s = connect_timeout_s
         self.keepalive_s = keepalive_s
+        self.max_head_bytes = max_head_bytes
         self._tls = tls  # for https engines; made on first use: the system's CAs (and SSL_CERT_FILE)
-        self._endpoints: dict[str, Endpoint] = {}
+        self._endpoints: dict[str, Endpoint] = {}  # by URL as given (the hot path's lookup)
+        self._by_identity: dict[str, Endpoint] = {}
         self.num_in_use = 0  # connections carrying a request whose answer is not closed yet
 
     def endpoint(self, url: str) -> Endpoint:
-        """The endpoint of an engine's base URL (one per URL: it holds the idle connections)."""
+        """The endpoint of an engine's base URL (one per engine: it holds the idle connections)."""
         found = self._endpoints.get(url)
         if found is None:
-            found = self._endpoints[url] = Endpoint.of(url)
+            identity = url_identity(url)
+            found = self._by_identity.get(identity)
+            if found is None:
+                found = self._by_identity[identity] = Endpoint.of(url)
+            self._endpoints[url] = found
         return found
 
     def forget(self, url: str) -> None:
         """Close the idle connections of an engine that left the pool."""
-        endpoint = self._endpoints.pop(url, None)
+        identity = url_identity(url)
+        for name in [u for u, e in self._endpoints.items() if e is self._by_identity.get(identity)]:
+            del self._endpoints[name]
+        endpoint = self._by_identity.pop(identity, None)
         while endpoint is not None and endpoint.idle:
             endpoint.idle.pop().close()
 
@@ -370,7 +439,10 @@ class UpstreamClient:
         try:
             async with asyncio.timeout(max(timeout_s, 0.0)):
                 _, conn = await loop.create_connection(
-                    lambda: _Connection(endpoint, loop, self.keepalive_s), endpoint.host, endpoint.port, **tls
+                    lambda: _Connection(endpoint, loop, self.keepalive_s, self.max_head_bytes),
+                    endpoint.host,
+                    endpoint.port,
+                    **tls,
                 )
         except OSError as exc:  # ssl.SSLError (a certificate refused) is one too
             raise UpstreamError(f"cannot connect to {endpoint.host}:{endpoint.port}: {exc}") from exc
@@ -432,7 +504,8 @@ class UpstreamClient:
     async def close(self) -> None:
         """Close every idle connection (in-use ones close when their answers are closed)."""
         for url in list(self._endpoints):
-            self.forget(url)
+            if url in self._endpoints:
+                self.forget(url)
 
 
 def _request_head(method: str, path: str, host: bytes, headers: dict[str, str], num_bytes: int) -> bytes:

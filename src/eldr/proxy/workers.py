@@ -1,7 +1,9 @@
 """Engine instances as the proxy sees them: URL, in-flight count, health, engine-reported load.
 
 A `Pool` is the ordered list of one role's instances. The decode pool's order is the partition's
-worker order (centroid row w serves `pool.workers[w]`). All mutation happens on the event loop.
+worker order (centroid row w serves `pool.workers[w]`). All mutation happens on the event loop. An
+instance is found by its identity (`engineurl.url_identity`), so `http://localhost:8200` and
+`http://127.0.0.1:8200/` name one instance.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from eldr.engineurl import url_identity
 from eldr.errors import NoHealthyWorkerError
 from eldr.policy import WorkersView
 
@@ -31,6 +34,10 @@ class Worker:
     models: tuple[str, ...] = ()
     layers_experts: tuple[int, int] | None = None  # (L, E) of the first valid signature payload
     labels: dict[str, str] = field(default_factory=dict)
+    identity: str = ""  # url_identity(url), set on creation
+
+    def __post_init__(self) -> None:
+        self.identity = url_identity(self.url)
 
     @property
     def is_routable(self) -> bool:
@@ -86,8 +93,13 @@ class Pool:
         return best[0] if len(best) == 1 else best[int(rng.integers(len(best)))]
 
     def index_of(self, url: str) -> int | None:
-        for i, w in enumerate(self.workers):
+        """The position of the instance `url` names (in any of its spellings), or None."""
+        for i, w in enumerate(self.workers):  # the spelling it was added with: no parsing
             if w.url == url:
+                return i
+        identity = url_identity(url)
+        for i, w in enumerate(self.workers):
+            if w.identity == identity:
                 return i
         return None
 

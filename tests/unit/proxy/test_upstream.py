@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import subprocess
 from collections.abc import Awaitable, Callable
@@ -458,6 +459,53 @@ def test_bytes_after_a_complete_answer_close_the_connection() -> None:
         assert (status, body) == (200, b"1")
         assert not ep.idle  # a connection that talked out of turn is not reused
         await srv.stop()
+
+    run(test)
+
+
+def test_an_answer_head_over_its_limit_fails_and_the_rest_is_not_read() -> None:
+    """Status line + headers over `max_head_bytes` (an engine streaming an endless header): the
+    request fails with AnswerTooLarge once the limit is passed and the connection is closed; the
+    next answer, on a new connection, is fine."""
+    fill = b"x-pad: " + b"p" * 4000 + b"\r\n"
+
+    async def endless(r: asyncio.StreamReader, w: asyncio.StreamWriter, head: bytes, body: bytes) -> None:
+        w.write(b"HTTP/1.1 200 OK\r\n")
+        with contextlib.suppress(ConnectionError):
+            for _ in range(10_000):  # 40 MB, if it were read
+                w.write(fill)
+                await w.drain()
+
+    async def test(_: UpstreamClient) -> None:
+        client = UpstreamClient(connect_timeout_s=2.0, max_head_bytes=16 * 1024)
+        srv = await ScriptedServer([endless, respond(answer(b"{}"))]).start()
+        ep = client.endpoint(srv.url)
+        with pytest.raises(AnswerTooLarge, match="answer head over 16384 bytes"):
+            await client.request(ep, "GET", "/x", {}, b"", deadline(5))
+        assert client.num_in_use == 0 and not ep.idle
+        r = await client.request(ep, "GET", "/x", {}, b"", deadline(5))
+        assert await r.read(deadline(5)) == b"{}"
+        await srv.stop()
+        await client.close()
+
+    run(test)
+
+
+def test_chunk_framing_and_trailers_over_their_limit_fail() -> None:
+    trailers = b"".join(b"x-t%d: %s\r\n" % (i, b"t" * 1000) for i in range(40))
+    chunked = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+        b"2\r\n{}\r\n0\r\n" + trailers + b"\r\n"
+    )
+
+    async def test(_: UpstreamClient) -> None:
+        client = UpstreamClient(connect_timeout_s=2.0, max_head_bytes=16 * 1024)
+        srv = await ScriptedServer([respond(chunked)]).start()
+        r = await client.request(client.endpoint(srv.url), "GET", "/x", {}, b"", deadline(2))
+        with pytest.raises(AnswerTooLarge, match="framing and trailers"):
+            await r.read(deadline(2))
+        await srv.stop()
+        await client.close()
 
     run(test)
 
