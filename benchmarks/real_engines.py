@@ -45,7 +45,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,7 @@ LOAD_BALANCERS = ("rr", "jsq", "p2c", "random")
 DEFAULT_POLICIES = ("eldr", "rr", "jsq", "p2c", "fewest-new-experts")
 ACTIVE_EXPERTS = "eldr:decode_step_active_experts"
 BATCH_SIZE = "eldr:decode_step_batch_size"
+STEP_SECONDS = "eldr:decode_step_seconds"
 ITL = "vllm:inter_token_latency_seconds"
 BLOCK_SIZE = 32  # ExampleConnector loads whole blocks only: the decode recomputes < 32 prompt tokens
 
@@ -113,6 +114,19 @@ class Run:
     steps_per_engine: list[float]
     routed: list[float]  # decode routing decisions per decode engine (the proxy's counter)
     signatures: dict[str, float]  # where the proxy's signatures came from (eldr: the plugin's payload)
+    # per decode engine, step-weighted means over the run: {"steps", "batch", "experts" (distinct,
+    # summed over MoE layers), "step_s" (eldr:decode_step_seconds)}
+    engines: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def engine_step_ms(self) -> float:
+        """Mean decode step over all decode engines (eldr:decode_step_seconds), ms."""
+        steps = sum(e["steps"] for e in self.engines)
+        return (
+            1e3 * sum(e["steps"] * e["step_s"] for e in self.engines if e["steps"]) / steps
+            if steps
+            else float("nan")
+        )
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -415,6 +429,17 @@ def measure(
     experts_count = sum(delta(a, b, f"{ACTIVE_EXPERTS}_count") for a, b in zip(after, before, strict=True))
     batch_sum = sum(delta(a, b, f"{BATCH_SIZE}_sum") for a, b in zip(after, before, strict=True))
     steps = [delta(a, b, f"{BATCH_SIZE}_count") for a, b in zip(after, before, strict=True)]
+    per_engine = []
+    for a, b in zip(after, before, strict=True):
+        count = delta(a, b, f"{BATCH_SIZE}_count")
+        per_engine.append(
+            {
+                "steps": count,
+                "batch": delta(a, b, f"{BATCH_SIZE}_sum") / count if count else float("nan"),
+                "experts": delta(a, b, f"{ACTIVE_EXPERTS}_sum") / count if count else float("nan"),
+                "step_s": delta(a, b, f"{STEP_SECONDS}_sum") / count if count else float("nan"),
+            }
+        )
     itl_sum = sum(delta(a, b, f"{ITL}_sum") for a, b in zip(after, before, strict=True))
     itl_count = sum(delta(a, b, f"{ITL}_count") for a, b in zip(after, before, strict=True))
     summary = summarize_answers(answers)
@@ -437,6 +462,7 @@ def measure(
         steps_per_engine=steps,
         routed=[routed.get(e.url, 0.0) for e in rig.decodes],
         signatures=signatures,
+        engines=per_engine,
         **summary,
     )
 
@@ -576,21 +602,65 @@ def capture_workload(rig: Rig, work: Path, rounds: Sequence[Sequence[Arrival]], 
     )
 
 
-def contention_factor(runs: Sequence[Run], cost: dict[str, float], num_layers: int) -> float:
-    """How much slower the rig's decode steps are than the profile's fit (one decode engine busy, the
-    rest idle): median over the round robin runs of the engines' mean inter-token latency over the
-    fit's step time at that run's mean batch and distinct experts. Round robin only, so that no
-    policy that is compared here shapes the simulator's cost (as the mi300x preset was calibrated)."""
-    ratios = []
-    for run in runs:
-        if run.policy == "rr" and run.mean_batch == run.mean_batch:
-            step = (
-                cost["base_s"]
-                + cost["per_request_s"] * run.mean_batch
-                + cost["per_expert_s"] * run.distinct_per_layer * num_layers
-            )
-            ratios.append(run.engine_itl_ms / 1e3 / step)
-    return float(np.median(ratios)) if ratios else 1.0
+MIN_FIT_STEPS = 50  # a (run, engine) point of the rig fit averages at least this many decode steps
+
+
+def rig_points(runs: Sequence[Run], policies: Sequence[str]) -> list[tuple[float, float, float]]:
+    """(batch, distinct experts summed over layers, seconds) per decode engine per run of `policies`:
+    step-weighted means from the engines' own metrics."""
+    return [
+        (e["batch"], e["experts"], e["step_s"])
+        for run in runs
+        if run.policy in policies
+        for e in run.engines
+        if e["steps"] >= MIN_FIT_STEPS
+    ]
+
+
+def fit_rig_cost(runs: Sequence[Run], cost: dict[str, float]) -> dict[str, float]:
+    """The profile's step cost refitted to the decode steps of the measured runs.
+
+    The profile's fit (one decode engine busy, the rest idle) gives the shape of a step's cost: what a
+    request and what a distinct expert add. In the runs every process shares the cores, so a step
+    takes longer; `alpha` and `beta` (non-negative least squares) fit step = beta + alpha x
+    (per_request x batch + per_expert x experts) to the load balancers' runs, each decode engine's
+    step-weighted means over a run being one point (the model is linear, so its mean over a run's
+    steps is the model at the run's means). Load balancers only, so that no compared policy shapes
+    the cost; the other policies' points test it (`rms_rel_err_others`)."""
+    from scipy.optimize import nnls
+
+    def shape(batch: float, experts: float) -> float:
+        return cost["per_request_s"] * batch + cost["per_expert_s"] * experts
+
+    fit_on = rig_points(runs, LOAD_BALANCERS)
+    if len(fit_on) < 2:
+        raise SystemExit(
+            "the rig fit needs the decode engines' eldr:decode_step_seconds from at least two "
+            f"load-balancer (run, engine) points of >= {MIN_FIT_STEPS} steps"
+        )
+    a = np.array([[1.0, shape(b, e)] for b, e, _ in fit_on])
+    y = np.array([s for _, _, s in fit_on])
+    (beta, alpha), _ = nnls(a, y)
+
+    def rms(points: Sequence[tuple[float, float, float]]) -> float:
+        if not points:
+            return float("nan")
+        errors = [(beta + alpha * shape(b, e)) / s - 1 for b, e, s in points]
+        return float(np.sqrt(np.mean(np.square(errors))))
+
+    others = rig_points(runs, sorted({r.policy for r in runs} - set(LOAD_BALANCERS)))
+    return {
+        **cost,
+        "base_s": float(beta),
+        "per_request_s": float(alpha) * cost["per_request_s"],
+        "per_expert_s": float(alpha) * cost["per_expert_s"],
+        "alpha": float(alpha),
+        "beta_s": float(beta),
+        "fit_points": float(len(fit_on)),
+        "rms_rel_err_fit": rms(fit_on),
+        "other_points": float(len(others)),
+        "rms_rel_err_others": rms(others),
+    }
 
 
 def replay(
@@ -602,8 +672,8 @@ def replay(
     args: argparse.Namespace,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """The rounds' requests replayed by eldr.sim with the same partition and pool, under two step costs:
-    the profile's fit as it is ("profile"), and scaled by the rig's contention factor measured on the
-    round robin runs ("rig"). Per cost, per policy: medians over rounds."""
+    the profile's fit as it is ("profile"), and refitted to the decode steps the engines measured in
+    the load balancers' runs ("rig", `fit_rig_cost`). Per cost, per policy: medians over rounds."""
     from eldr.calibration_data import load_calibration
     from eldr.partition import Partition
     from eldr.sim.experiment import Experiment, run_experiment
@@ -622,8 +692,7 @@ def replay(
     calibration = load_calibration(work / "cal.npz")
     partition = Partition.load(work / "part.npz")
     num_layers, num_experts = (int(x) for x in counts.prefill_counts.shape[1:])
-    factor = contention_factor(runs, cost, num_layers)
-    scaled = {**cost, **{k: cost[k] * factor for k in ("base_s", "per_request_s", "per_expert_s")}}
+    scaled = fit_rig_cost(runs, cost)
     models = {
         "profile": load_cost_model(write_cost_model(work, cost, num_layers, num_experts, args.max_num_seqs)),
         "rig": load_cost_model(
@@ -674,7 +743,7 @@ def replay(
             name: {key: float(np.median([r[key] for r in rs])) for key in rs[0]}
             for name, rs in per_policy.items()
         }
-    out["rig"]["_contention_factor"] = {"value": factor}
+    out["rig"]["_fit"] = {k: v for k, v in scaled.items() if k not in cost}
     return out
 
 
@@ -733,15 +802,16 @@ def report(
         "from the decode engines' `eldr:decode_step_active_experts`; batch: decode tokens per step.",
         "",
         "| policy | distinct experts / layer / step | batch | TPOT p50 ms | TPOT p99 ms | TTFT p50 ms "
-        "| engine ITL ms (mean) | throughput tok/s | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| engine step ms (mean) | engine ITL ms (mean) | throughput tok/s | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for p in policies:
         errors = sum(len(r.errors) for r in runs if r.policy == p)
         lines.append(
             f"| {p} | {med(p, 'distinct_per_layer'):.2f} ({spread(p, 'distinct_per_layer')}) "
             f"| {med(p, 'mean_batch'):.1f} | {med(p, 'tpot_p50_ms'):.1f} ({spread(p, 'tpot_p50_ms')}) "
-            f"| {med(p, 'tpot_p99_ms'):.1f} | {med(p, 'ttft_p50_ms'):.0f} | {med(p, 'engine_itl_ms'):.1f} "
+            f"| {med(p, 'tpot_p99_ms'):.1f} | {med(p, 'ttft_p50_ms'):.0f} | {med(p, 'engine_step_ms'):.1f} "
+            f"| {med(p, 'engine_itl_ms'):.1f} "
             f"| {med(p, 'throughput_tok_s'):.1f} "
             f"| {errors} |"
         )
@@ -761,7 +831,7 @@ def report(
         lines.append(f"| {p} | " + " | ".join(cells) + " |")
     if sim:
         cost = extra["cost"]
-        factor = sim["rig"]["_contention_factor"]["value"]
+        fit = sim["rig"]["_fit"]
         lines += [
             "",
             "## Simulator beside the engines",
@@ -771,9 +841,12 @@ def report(
             f"{cost['per_request_s'] * 1e3:.3f} ms x batch + {cost['per_expert_s'] * 1e3:.4f} ms x distinct "
             f"experts (summed over layers); prefill = {cost['prefill_base_s'] * 1e3:.1f} ms + "
             f"{cost['prefill_per_token_s'] * 1e3:.3f} ms x prompt tokens. `profile`: that cost as it is; "
-            f"`rig`: its decode terms x {factor:.2f}, the median ratio of the decode engines' mean "
-            "inter-token latency to the fit's step time in the round robin runs (all engines, the proxy "
-            "and the client share the cores in the runs).",
+            f"`rig`: the same shape refitted to the decode steps of the load balancers' runs (all "
+            "engines, the proxy and the client share the cores there), step = "
+            f"{fit['beta_s'] * 1e3:.2f} ms + {fit['alpha']:.2f} x (the profile's batch and expert terms), "
+            f"from the engines' `eldr:decode_step_seconds` ({fit['fit_points']:.0f} (run, engine) points, "
+            f"rms relative error {fit['rms_rel_err_fit']:.3f}; on the other policies' "
+            f"{fit['other_points']:.0f} points, not fitted: {fit['rms_rel_err_others']:.3f}).",
             "",
             "| policy | distinct / layer / step: engines | sim profile | sim rig | TPOT p50 ms: engines "
             "| sim profile | sim rig | TTFT p50 ms: engines | sim rig | batch: engines | sim profile "
@@ -1000,20 +1073,23 @@ def main() -> int:
                     f"TTFT p50 {run.ttft_p50_ms:.0f} ms, {len(run.errors)} errors",
                     flush=True,
                 )
-        sim: dict[str, dict[str, dict[str, float]]] = {}
-        if not args.quick:
-            capture_workload(rig, work, rounds, args.output_tokens)
-            sim = replay(work, rounds, policies, cost, runs, args)
         result = {
             "commit": commit(),
             "machine": machine(),
             "argv": sys.argv[1:],
             "runs": [asdict(r) for r in runs],
-            "sim": sim,
+            "sim": {},
             **extra,
         }
-        if args.json_out:
+        if args.json_out:  # the measurements first: a failing simulation can be redone (--resimulate)
             args.json_out.write_text(json.dumps(result, indent=1))
+        sim: dict[str, dict[str, dict[str, float]]] = {}
+        if not args.quick:
+            capture_workload(rig, work, rounds, args.output_tokens)
+            sim = replay(work, rounds, policies, cost, runs, args)
+            result["sim"] = sim
+            if args.json_out:
+                args.json_out.write_text(json.dumps(result, indent=1))
         if not args.quick:
             publish(runs, policies, sim, extra, args, args)
         return 0

@@ -79,3 +79,8 @@ def test_every_policy_completes_through_real_engines_and_the_engine_metric_recor
         assert run["decode_steps"] >= OUTPUT_TOKENS - 1 and run["mean_batch"] >= 1, run
         assert run["skipped_steps"] == 0, run
         assert spec.top_k <= run["distinct_per_layer"] <= spec.num_experts, run
+        # per decode engine: its share of the steps, each with a positive duration (no timing bound)
+        assert sum(e["steps"] for e in run["engines"]) == run["decode_steps"], run
+        for engine in run["engines"]:
+            if engine["steps"]:
+                assert engine["step_s"] > 0 and engine["batch"] >= 1, run

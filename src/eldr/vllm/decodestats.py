@@ -6,7 +6,10 @@ this module runs). For every engine step that has decode tokens it records
 - the step's decode batch size: the number of requests that schedule exactly one token in the step
   (a decode token; with speculative decoding a request schedules 1 + its draft tokens, which this
   metric does not model: spec decode is out of scope);
-- per MoE layer, how many distinct experts the step's decode tokens activated together.
+- per MoE layer, how many distinct experts the step's decode tokens activated together;
+- the step's seconds: from the scheduler's handing it out (`build_connector_meta`) to its output's
+  arrival (`update_connector_output`), i.e. the model's forward, sampling and the return trip. With
+  async scheduling a step is scheduled while the previous one runs, so this includes that wait.
 
 How (scheduler side, nothing extra on the worker): the worker already folds every step's router ids
 into per-KV-block rows (`fold.py`, `EldrWorkerMeta.delta`). A decode token is the only token its
@@ -28,7 +31,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +56,7 @@ INNER_DATA_KEY = "inner"  # the wrapped connector's stats dict, with its class
 
 ACTIVE_EXPERTS_METRIC = "eldr:decode_step_active_experts"
 BATCH_SIZE_METRIC = "eldr:decode_step_batch_size"
+STEP_SECONDS_METRIC = "eldr:decode_step_seconds"
 STEPS_METRIC = "eldr:decode_steps"  # exposed as eldr:decode_steps_total
 SKIPPED_METRIC = "eldr:decode_steps_skipped"  # exposed as eldr:decode_steps_skipped_total
 
@@ -96,15 +101,19 @@ def active_experts(
 class DecodeStatsRecorder:
     """Scheduler side: decode blocks noted per step, applied when the step's delta arrives."""
 
-    def __init__(self) -> None:
-        self._due: dict[int, npt.NDArray[np.int64] | None] = {}  # step -> its decode tokens' blocks
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        # step -> (its decode tokens' blocks, when it was handed out)
+        self._due: dict[int, tuple[npt.NDArray[np.int64] | None, float]] = {}
         self.batch_sizes: list[int] = []
         self.active: list[list[int]] = []  # per recorded step: [L] distinct experts
+        self.seconds: list[float] = []  # per recorded step: scheduled -> output arrived
         self.skipped = 0
 
     def note(self, step: int, decode_blocks: Sequence[int] | None) -> None:
         """The step's decode tokens' KV blocks (`None`: the step has decode tokens it cannot place)."""
-        self._due[step] = None if decode_blocks is None else np.asarray(decode_blocks, dtype=np.int64)
+        blocks = None if decode_blocks is None else np.asarray(decode_blocks, dtype=np.int64)
+        self._due[step] = (blocks, self._clock())
 
     def apply(self, step: int, delta: BlockDelta | None, top_k: int) -> None:
         """The step's delta (`None`: the fold refused the step) arrived from the worker."""
@@ -116,7 +125,7 @@ class DecodeStatsRecorder:
                 self.skipped += 1
         if step not in self._due:
             return
-        blocks = self._due.pop(step)
+        blocks, started = self._due.pop(step)
         found = None
         if blocks is not None and delta is not None:
             rows = decode_rows(delta.block_ids, blocks)
@@ -128,13 +137,19 @@ class DecodeStatsRecorder:
             return
         self.batch_sizes.append(int(blocks.size))
         self.active.append(found.tolist())
+        self.seconds.append(max(self._clock() - started, 0.0))
 
     def take(self) -> dict[str, Any] | None:
         """The steps recorded since the last call, as the stats payload (`None`: nothing)."""
         if not self.batch_sizes and not self.skipped:
             return None
-        data = {"batch_sizes": self.batch_sizes, "active_experts": self.active, "skipped": self.skipped}
-        self.batch_sizes, self.active, self.skipped = [], [], 0
+        data = {
+            "batch_sizes": self.batch_sizes,
+            "active_experts": self.active,
+            "step_seconds": self.seconds,
+            "skipped": self.skipped,
+        }
+        self.batch_sizes, self.active, self.seconds, self.skipped = [], [], [], 0
         return data
 
 
@@ -156,10 +171,10 @@ class EldrKVConnectorStats(KVConnectorStats):
     """The decode-locality observations (`data`, empty when off) and the wrapped connector's stats.
 
     `data`: `{"batch_sizes": [b per step], "active_experts": [[distinct per layer] per step],
-    "skipped": n}`. `to_dict()` ships `{"eldr_decode": data, "inner": {"connector": "module:Class",
-    "data": inner.to_dict()}}` (keys only when present); `from_dict` rebuilds it in the frontend, the
-    wrapped connector's part through that connector's own `build_kv_connector_stats` (as
-    `MultiConnector` does).
+    "step_seconds": [s per step], "skipped": n}`. `to_dict()` ships `{"eldr_decode": data, "inner":
+    {"connector": "module:Class", "data": inner.to_dict()}}` (keys only when present); `from_dict`
+    rebuilds it in the frontend, the wrapped connector's part through that connector's own
+    `build_kv_connector_stats` (as `MultiConnector` does).
     """
 
     inner: KVConnectorStats | None = field(default=None)
@@ -183,6 +198,7 @@ class EldrKVConnectorStats(KVConnectorStats):
             data = {
                 "batch_sizes": list(decode["batch_sizes"]),
                 "active_experts": [list(step) for step in decode["active_experts"]],
+                "step_seconds": [float(x) for x in decode.get("step_seconds", ())],
                 "skipped": int(decode["skipped"]),
             }
         inner: KVConnectorStats | None = None
@@ -205,6 +221,7 @@ class EldrKVConnectorStats(KVConnectorStats):
                 {
                     "batch_sizes": self.data["batch_sizes"] + other.data["batch_sizes"],
                     "active_experts": self.data["active_experts"] + other.data["active_experts"],
+                    "step_seconds": self.data.get("step_seconds", []) + other.data.get("step_seconds", []),
                     "skipped": self.data["skipped"] + other.data["skipped"],
                 }
                 if self.data
@@ -235,6 +252,8 @@ class EldrKVConnectorStats(KVConnectorStats):
             out["eldr_mean_active_experts"] = (
                 round(sum(sum(step) for step in active) / num_layer_steps, 3) if num_layer_steps else 0.0
             )
+            seconds = self.data.get("step_seconds", [])
+            out["eldr_mean_decode_step_ms"] = round(1e3 * sum(seconds) / len(seconds), 3) if seconds else 0.0
         return out
 
     def is_empty(self) -> bool:
@@ -268,6 +287,28 @@ def batch_buckets(max_batch: int) -> list[float]:
         bounds.append(float(max_batch))
     return sorted(set(bounds))
 
+
+# decode step seconds: 1 ms .. 5 s, about x1.5-2 apart
+STEP_SECONDS_BUCKETS = [
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.015,
+    0.02,
+    0.03,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+]
 
 _REGISTERED: dict[str, Any] = {}  # metric name -> the collector this process created last
 
@@ -305,7 +346,7 @@ class EldrPromMetrics(KVConnectorPromMetrics):
 
         super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
         self._inner = inner
-        self._decode: tuple[dict[int, Any], dict[int, Any], dict[int, Any], dict[int, Any]] | None = None
+        self._decode: tuple[dict[int, Any], ...] | None = None
         if not is_decode:
             return
         num_experts, max_batch = _model_sizes(vllm_config)
@@ -326,6 +367,14 @@ class EldrPromMetrics(KVConnectorPromMetrics):
             buckets=batch_buckets(max_batch),
             labelnames=labelnames,
         )
+        seconds = _fresh(
+            self._histogram_cls,
+            STEP_SECONDS_METRIC,
+            documentation="Seconds from a decode step's scheduling to its output's arrival at the "
+            "scheduler (one observation per decode step; eldr plugin).",
+            buckets=STEP_SECONDS_BUCKETS,
+            labelnames=labelnames,
+        )
         steps = _fresh(
             self._counter_cls,
             STEPS_METRIC,
@@ -342,6 +391,7 @@ class EldrPromMetrics(KVConnectorPromMetrics):
         self._decode = (
             create_metric_per_engine(active, per_engine),
             create_metric_per_engine(batch, per_engine),
+            create_metric_per_engine(seconds, per_engine),
             create_metric_per_engine(steps, per_engine),
             create_metric_per_engine(skipped, per_engine),
         )
@@ -353,11 +403,13 @@ class EldrPromMetrics(KVConnectorPromMetrics):
         decode = transfer_stats_data.get(DECODE_DATA_KEY)
         if not decode or self._decode is None:
             return
-        active, batch, steps, skipped = (metric[engine_idx] for metric in self._decode)
+        active, batch, seconds, steps, skipped = (metric[engine_idx] for metric in self._decode)
         for size, per_layer in zip(decode["batch_sizes"], decode["active_experts"], strict=True):
             batch.observe(size)
             for value in per_layer:
                 active.observe(value)
+        for value in decode.get("step_seconds", ()):
+            seconds.observe(value)
         if decode["batch_sizes"]:
             steps.inc(len(decode["batch_sizes"]))
         if decode["skipped"]:

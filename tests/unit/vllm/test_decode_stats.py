@@ -25,6 +25,7 @@ from eldr.vllm.decodestats import (  # noqa: E402
     ACTIVE_EXPERTS_METRIC,
     BATCH_SIZE_METRIC,
     DECODE_DATA_KEY,
+    STEP_SECONDS_METRIC,
     DecodeStatsRecorder,
     EldrKVConnectorStats,
     EldrPromMetrics,
@@ -183,19 +184,42 @@ def test_rows_that_are_not_one_token_each_are_skipped_not_guessed() -> None:
     recorder.note(2, _decode_blocks(step))
     recorder.note(3, _decode_blocks(step))
     recorder.apply(3, _fold(step, 8), 2)
-    assert recorder.take() == {
-        "batch_sizes": [2],
-        "active_experts": [_reference(step)[1]],
-        "skipped": 3,
-    }
+    data = recorder.take()
+    assert data is not None and len(data.pop("step_seconds")) == 1
+    assert data == {"batch_sizes": [2], "active_experts": [_reference(step)[1]], "skipped": 3}
     assert recorder.take() is None  # taken: the next call starts empty
+
+
+def test_step_seconds_run_from_a_steps_scheduling_to_its_output() -> None:
+    """Seconds per recorded step from the recorder's clock: note -> apply, skipped steps leave none."""
+    rng = np.random.default_rng(9)
+    step = _make_step(rng, 3, 0, 2, 8, 2)
+    now = [100.0]
+    recorder = DecodeStatsRecorder(clock=lambda: now[0])
+    recorder.note(0, _decode_blocks(step))
+    recorder.note(1, [10_000])  # cannot be attributed: skipped, no seconds
+    now[0] = 100.25
+    recorder.apply(0, _fold(step, 8), 2)
+    now[0] = 100.5
+    recorder.apply(1, _fold(step, 8), 2)
+    recorder.note(2, _decode_blocks(step))
+    now[0] = 101.0
+    recorder.apply(2, _fold(step, 8), 2)
+    data = recorder.take()
+    assert data is not None
+    assert data["step_seconds"] == [0.25, 0.5] and data["skipped"] == 1
+    assert len(data["batch_sizes"]) == len(data["step_seconds"])
 
 
 # ------------------------------------------------------------------------------ the stats object
 
 
-def _stats(batch: list[int], active: list[list[int]], skipped: int = 0) -> EldrKVConnectorStats:
-    return EldrKVConnectorStats(data={"batch_sizes": batch, "active_experts": active, "skipped": skipped})
+def _stats(
+    batch: list[int], active: list[list[int]], skipped: int = 0, seconds: list[float] | None = None
+) -> EldrKVConnectorStats:
+    data = {"batch_sizes": batch, "active_experts": active, "skipped": skipped}
+    data["step_seconds"] = seconds if seconds is not None else [0.01 * (i + 1) for i in range(len(batch))]
+    return EldrKVConnectorStats(data=data)
 
 
 def _through_msgpack(payload: dict[str, Any]) -> dict[str, Any]:
@@ -237,12 +261,18 @@ def test_stats_round_trip_aggregate_reduce_and_emptiness() -> None:
 
     total = rebuilt.aggregate(EldrConnector.build_kv_connector_stats(_through_msgpack(second.to_dict())))
     assert isinstance(total, EldrKVConnectorStats)
-    assert total.data == {"batch_sizes": [2, 3, 1], "active_experts": [[4, 5], [6, 7], [2, 2]], "skipped": 1}
+    assert total.data == {
+        "batch_sizes": [2, 3, 1],
+        "active_experts": [[4, 5], [6, 7], [2, 2]],
+        "step_seconds": [0.01, 0.02, 0.01],
+        "skipped": 1,
+    }
     reduced = total.reduce()
     assert reduced["eldr_decode_steps"] == 3
     assert reduced["eldr_decode_steps_skipped"] == 1
     assert reduced["eldr_mean_decode_batch_size"] == 2.0
     assert reduced["eldr_mean_active_experts"] == round((4 + 5 + 6 + 7 + 2 + 2) / 6, 3)
+    assert reduced["eldr_mean_decode_step_ms"] == round(1e3 * 0.04 / 3, 3)
     assert reduced["Num successful transfers"] == 1  # the wrapped connector's own summary, kept
 
     assert not total.is_empty()
@@ -308,10 +338,10 @@ def test_prom_metrics_observe_exact_sums_counts_and_the_wrapped_connectors_metri
     inner.data["post_duration"].append(0.001)
     inner.data["bytes_transferred"].append(4096)
     inner.data["num_descriptors"].append(2)
-    stats = _stats([1, 8, 3], [[4, 4], [20, 17], [9, 12]], skipped=2)
+    stats = _stats([1, 8, 3], [[4, 4], [20, 17], [9, 12]], skipped=2, seconds=[0.004, 0.05, 0.012])
     stats.inner, stats.inner_connector = inner, class_ref(_nixl())
     prom.observe(_through_msgpack(stats.to_dict()), 0)
-    prom.observe(_stats([2], [[7, 8]]).to_dict(), 0)
+    prom.observe(_stats([2], [[7, 8]], seconds=[0.3]).to_dict(), 0)
 
     def value(name: str) -> float | None:
         return registry.get_sample_value(name, labels)
@@ -323,6 +353,9 @@ def test_prom_metrics_observe_exact_sums_counts_and_the_wrapped_connectors_metri
     assert (
         registry.get_sample_value(f"{ACTIVE_EXPERTS_METRIC}_bucket", {**labels, "le": "8.0"}) == 4
     )  # 4, 4, 7, 8
+    assert value(f"{STEP_SECONDS_METRIC}_count") == 4
+    assert value(f"{STEP_SECONDS_METRIC}_sum") == pytest.approx(0.004 + 0.05 + 0.012 + 0.3)
+    assert registry.get_sample_value(f"{STEP_SECONDS_METRIC}_bucket", {**labels, "le": "0.015"}) == 2
     assert value("eldr:decode_steps_total") == 4
     assert value("eldr:decode_steps_skipped_total") == 2
     assert value("vllm:nixl_xfer_time_seconds_count") == 1  # the wrapped connector's own metric
@@ -420,6 +453,7 @@ def test_through_the_connector_each_step_is_reported_after_its_update(tmp_path: 
     for answer, step in ((answers[0], steps[0]), (answers[2], steps[2])):
         assert isinstance(answer, EldrKVConnectorStats)
         size, active = _reference(step)
+        assert len(answer.data.pop("step_seconds")) == 1
         assert answer.data == {"batch_sizes": [size], "active_experts": [active], "skipped": 0}
         assert answer.to_dict() == {DECODE_DATA_KEY: answer.data}
 
@@ -449,4 +483,4 @@ def test_a_decode_token_the_scheduler_cannot_place_skips_its_step(tmp_path: Path
     step.requests[0].table = []  # the manager knows no block at its position
     connector = _scheduler_connector(tmp_path, decode_stats=True)
     (answer,) = _run_steps(connector, [step], 8, 2)
-    assert answer.data == {"batch_sizes": [], "active_experts": [], "skipped": 1}
+    assert answer.data == {"batch_sizes": [], "active_experts": [], "step_seconds": [], "skipped": 1}
