@@ -24,24 +24,18 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from eldr.policy import (
-    FEWEST_NEW_EXPERTS,
-    LOAD_BALANCERS,
-    LocalityBandPolicy,
-    OraclePolicy,
-    Policy,
-    make_policy,
-)
+from eldr.policy import FEWEST_NEW_EXPERTS, LOAD_BALANCERS, Policy, PolicyInputs, build
 from eldr.sim.costmodel import CostModel, bind
 from eldr.sim.engine import PoolConfig, simulate
 from eldr.sim.presets import mi300x_qwen3_30b
 from eldr.sim.report import PolicyMetrics, metrics_of
-from eldr.sim.workload import mean_context_tokens, overlap_lam, overlap_policy
+from eldr.sim.workload import mean_context_tokens, overlap_inputs, overlap_lam
 from eldr.trace.format import Trace
 from provenance import commit, machine
 from sweeps import Bench, policy_table
@@ -101,16 +95,14 @@ class Runner:
     def build(
         self, policy: str, seed: int, workers: int, output_tokens: int | None, lam_scale: float
     ) -> Policy:
-        if policy in LOAD_BALANCERS:
-            return make_policy(policy, seed=seed)
-        if policy == "eldr":
-            return LocalityBandPolicy(self.bench.partition("eldr", workers, True), tau=0.1, seed=seed)
-        if policy == "oracle":
-            return OraclePolicy(self.bench.partition("oracle", workers, True), tau=0.1, seed=seed)
-        lam = self.lam(output_tokens, lam_scale)
-        return overlap_policy(
-            self.bench.cal, workers, self.step_cost, seed=seed, lam=lam, output_tokens=output_tokens
-        )
+        inputs = PolicyInputs(num_workers=workers, seed=seed, tau=0.1)
+        if policy in ("eldr", "oracle"):
+            inputs = replace(inputs, partition=self.bench.partition(policy, workers, True))
+        elif policy == FNE:
+            lam = self.lam(output_tokens, lam_scale)
+            extra = overlap_inputs(self.bench.cal, self.step_cost, lam=lam, output_tokens=output_tokens)
+            inputs = replace(inputs, **extra)
+        return build(policy, inputs)
 
     def cell(self, seeds: tuple[int, ...], policies: tuple[str, ...] = POLICIES, **kw: Any) -> dict[str, Any]:
         """Per policy, the median over seeds of each metric."""

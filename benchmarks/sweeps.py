@@ -40,13 +40,12 @@ import numpy as np
 from eldr import data
 from eldr.calibration_data import CalibrationData
 from eldr.partition import Partition
-from eldr.policy import LOAD_BALANCERS, LocalityBandPolicy
+from eldr.policy import ABLATION_POLICIES, LOAD_BALANCERS, PolicyInputs, build
 from eldr.sim.costmodel import CostModel, bind
 from eldr.sim.engine import PoolConfig, Requests, simulate
 from eldr.sim.presets import mi300x_qwen3_30b
 from eldr.sim.report import PolicyMetrics, metrics_of
 from eldr.sim.workload import (
-    ABLATION_POLICIES,
     WorkloadConfig,
     build_policy,
     fit_for,
@@ -139,17 +138,10 @@ class Bench:
     ) -> PolicyMetrics:
         cal: CalibrationData = self.cal
         part = self.partition(policy, workers, balanced) if policy in LOCALITY else None
-        if policy == "oracle":
-            from eldr.policy import OraclePolicy
-
-            built: Any = OraclePolicy(part, tau=tau, seed=seed)  # type: ignore[arg-type]
-        elif policy in ABLATION_POLICIES:
-            built = LocalityBandPolicy(part, tau=tau, seed=seed)  # type: ignore[arg-type]
-            built.name = policy
+        if part is not None:  # fitted once per setting (cached), built by the registry
+            built = build(policy, PolicyInputs(num_workers=workers, seed=seed, tau=tau, partition=part))
         else:
-            built = build_policy(
-                policy, cal, workers, tau=tau, seed=seed, is_balanced=balanced, partition=part
-            )
+            built = build_policy(policy, cal, workers, tau=tau, seed=seed, is_balanced=balanced)
         step_cost = bind(cost, self.trace.layers, self.trace.num_model_layers, self.trace.num_experts)
         pool = PoolConfig(workers, cost.max_batch, cost.kv_capacity_tokens)
         return metrics_of(simulate(self.requests(output_tokens, seed, rate), built, step_cost, pool))

@@ -39,3 +39,12 @@ class ConfigError(EldrError, ValueError):
 
 class ListenError(EldrError, OSError):
     """`eldr serve` could not listen on its host and port (in use, not an address of this machine)."""
+
+
+class PoolChangeError(EldrError):
+    """A change of the decode pool was refused (the instance is in it already, the pool is full, or it
+    would leave no instance to route to)."""
+
+
+class UnknownWorkerError(EldrError, LookupError):
+    """No instance of the pool has that URL."""

@@ -449,7 +449,7 @@ def test_public_health_metrics_opens_health_and_metrics_but_not_the_api() -> Non
 
 
 def test_admin_add_stops_at_the_engine_count_limit(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("eldr.proxy.admin.MAX_ENGINES", 2)
+    monkeypatch.setattr("eldr.proxy.state.MAX_ENGINES", 2)
     c = Cluster(admin_token="tok")
     try:
         r = httpx.post(

@@ -417,12 +417,12 @@ def test_simulator_decisions_match_reference(setup: Setup, tau: float, seed: int
 @settings(max_examples=400, deadline=None)
 @given(
     case=cases(),
-    refit_window=st.sampled_from([0, 8]),
+    refit_every=st.sampled_from([0, 8]),
     draining=st.lists(st.booleans(), min_size=6, max_size=6),
     excluded=st.sets(st.integers(0, 5), max_size=2),
 )
 def test_decode_router_matches_reference(
-    case: Case, refit_window: int, draining: list[bool], excluded: set[int]
+    case: Case, refit_every: int, draining: list[bool], excluded: set[int]
 ) -> None:
     k = case.setup.num_workers
     pool = Pool("decode", tuple(f"http://decode-{w}:8000" for w in range(k)))
@@ -437,9 +437,9 @@ def test_decode_router_matches_reference(
         excluded = excluded - {first}
         routable[first] = True
     router = DecodeRouter(
-        pool, "eldr", case.setup.partition(), tau=case.tau, seed=0, refit_window=refit_window
+        pool, "eldr", case.setup.partition(), tau=case.tau, seed=0, refit_every=refit_every, refit_window=8
     )
-    decision = router.choose(RequestView(counts=case.counts), set(excluded))
+    decision = router.choose(RequestView(counts=case.counts), {pool.workers[w] for w in excluded if w < k})
     check_decision(
         decision,
         case.counts,
@@ -451,11 +451,13 @@ def test_decode_router_matches_reference(
         case.tau,
     )
     expected = reference_signature(case)
-    if refit_window and expected is not None:
-        assert len(router.window) == 1
-        np.testing.assert_allclose(router.window[0], expected, rtol=0, atol=1e-5)
+    if not refit_every:
+        assert router.refitter is None
+    elif expected is not None:
+        assert router.refitter is not None and len(router.refitter.recent()) == 1
+        np.testing.assert_allclose(router.refitter.recent()[0], expected, rtol=0, atol=1e-5)
     else:
-        assert len(router.window) == 0
+        assert router.refitter is not None and router.refitter.recent() == []
 
 
 # ---------------------------------------------------------------------------------------------------

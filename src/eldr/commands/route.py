@@ -24,9 +24,10 @@ from eldr.policy import (
     DEFAULT_TAU,
     FEWEST_NEW_EXPERTS,
     FewestNewExpertsPolicy,
-    LocalityBandPolicy,
+    PolicyInputs,
     RequestView,
     WorkersView,
+    build,
 )
 
 ROUTE_POLICIES = ("eldr", FEWEST_NEW_EXPERTS)
@@ -110,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     except InvalidInputError as exc:
         raise InvalidInputError(f"{args.counts}: {exc}") from exc
     loads: list[int] = args.loads
-    policy = LocalityBandPolicy(part, tau=args.tau)
+    policy = build("eldr", PolicyInputs(num_workers=len(loads), tau=args.tau, partition=part))
     decision = policy.choose(RequestView(counts=counts), WorkersView.of(loads))
     sims = [] if decision.similarities is None else [round(float(s), 6) for s in decision.similarities]
     out = {
@@ -157,7 +158,10 @@ def run_overlap(args: argparse.Namespace) -> int:
     counts = load_counts(args.counts, num_experts=shape[1])
     if counts.shape != shape:
         raise InvalidInputError(f"{args.counts}: counts are {counts.shape}, the in-flight requests' {shape}")
-    policy = FewestNewExpertsPolicy(len(loads), top_k, lam=args.lam, shape=shape)
+    policy = build(
+        FEWEST_NEW_EXPERTS, PolicyInputs(num_workers=len(loads), top_k=top_k, lam=args.lam, shape=shape)
+    )
+    assert isinstance(policy, FewestNewExpertsPolicy)
     for j in range(running.num_requests):
         policy.dispatch(RequestView(f"in-flight-{j}", running.counts[j]), int(running.worker[j]))
     view = WorkersView.of(loads)

@@ -15,7 +15,7 @@ from typing import Any
 
 from eldr.commands.arguments import engine_url, float_in, int_in, nonempty_text, tau_value
 from eldr.errors import ConfigError
-from eldr.policy import FEWEST_NEW_EXPERTS
+from eldr.policy import FEWEST_NEW_EXPERTS, POLICIES, SERVE_POLICIES
 from eldr.proxy.config import RANGES
 
 # flag -> (config field, type, help); every key of the YAML file has the flag of the same name
@@ -25,8 +25,9 @@ _FLAGS: tuple[tuple[str, str, Any, str], ...] = (
         "--policy",
         "policy",
         str,
-        "decode routing policy: eldr (default), rr, random, jsq, p2c, fewest-new-experts (the worker whose "
-        "in-flight batch the request adds the fewest expected experts to, with a load term; docs/serving.md)",
+        "decode routing policy (default eldr): "
+        + "; ".join(f"{name}: {POLICIES[name].summary}" for name in SERVE_POLICIES)
+        + " (docs/serving.md)",
     ),
     ("--tau", "tau", tau_value, "locality band width for eldr (default 0.1; 0 = pure locality, 1 = JSQ)"),
     (

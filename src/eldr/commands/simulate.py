@@ -22,7 +22,8 @@ from eldr.limits import (
     max_bytes,
     size_text,
 )
-from eldr.policy import DEFAULT_TAU, FEWEST_NEW_EXPERTS, POLICY_NAMES
+from eldr.policy import DEFAULT_TAU, FEWEST_NEW_EXPERTS, POLICY_NAMES, SERVE_POLICIES
+from eldr.policy.refit import DEFAULT_REFIT_WINDOW, MAX_REFIT_WINDOW, REFIT_POLICY
 
 DEFAULT_POLICIES = "rr,random,jsq,p2c,domain,eldr,oracle"
 MAX_LAM = 1e6
@@ -60,10 +61,12 @@ def cost_model_name(value: str) -> str:
 
 def add_sim_arguments(p: argparse.ArgumentParser, *, default_rate: float | None = None) -> None:
     """Flags shared by `eldr simulate` and `eldr demo`."""
+    from eldr.policy import ABLATION_POLICIES
+    from eldr.policy.refit import REFIT_POLICY
     from eldr.sim.costmodel import LAYER_MAPS
     from eldr.sim.presets import PRESETS
     from eldr.sim.tokens import SAMPLERS
-    from eldr.sim.workload import ABLATION_POLICIES, DECODE_MODES
+    from eldr.sim.workload import DECODE_MODES
 
     p.add_argument(
         "--workers", type=workers_value, default=16, help=f"decode workers, 1 to {MAX_WORKERS} (default 16)"
@@ -80,9 +83,11 @@ def add_sim_arguments(p: argparse.ArgumentParser, *, default_rate: float | None 
     p.add_argument(
         "--policies",
         default=DEFAULT_POLICIES,
-        help=f"comma-separated policies to compare, from {','.join(POLICY_NAMES)} (default: "
+        help=f"comma-separated policies to compare, from {','.join(POLICY_NAMES)} (`eldr serve` runs "
+        f"{','.join(SERVE_POLICIES)}; domain and oracle are simulation-only) (default: "
         f"{DEFAULT_POLICIES}), "
-        f"or the signature ablations {','.join(ABLATION_POLICIES)} (eldr without IDF / layer mask / "
+        f"or {REFIT_POLICY} (eldr with online refit: --refit-every, --refit-window), or the signature "
+        f"ablations {','.join(ABLATION_POLICIES)} (eldr without IDF / layer mask / "
         "balanced k-means, fitted like eldr; never --partition)",
     )
     p.add_argument(
@@ -90,6 +95,19 @@ def add_sim_arguments(p: argparse.ArgumentParser, *, default_rate: float | None 
         type=tau_value,
         default=DEFAULT_TAU,
         help=f"eldr band width, finite and >= 0 (default {DEFAULT_TAU}; 0 = pure locality, 1 = JSQ)",
+    )
+    p.add_argument(
+        "--refit-every",
+        type=int_in(1, MAX_REQUESTS),
+        default=500,
+        help="eldr-refit: refit the centroids after this many routed signatures, as `eldr serve "
+        "--refit-every` does (default 500)",
+    )
+    p.add_argument(
+        "--refit-window",
+        type=int_in(1, MAX_REFIT_WINDOW),
+        default=DEFAULT_REFIT_WINDOW,
+        help=f"eldr-refit: recent signatures a refit clusters, >= --workers (default {DEFAULT_REFIT_WINDOW})",
     )
     p.add_argument(
         "--lam",
@@ -180,6 +198,8 @@ def experiment_of(args: argparse.Namespace) -> Any:
         num_workers=args.workers,
         tau=args.tau,
         lam=args.lam,
+        refit_every=args.refit_every,
+        refit_window=args.refit_window,
         is_balanced=args.kmeans == "balanced",
         max_batch=args.max_batch,
         kv_capacity_tokens=args.kv_capacity,
@@ -258,7 +278,9 @@ def simulate_and_report(args: argparse.Namespace, trace: Any, trace_name: str) -
         num_calibration = int(trace.calibration.sum())
     else:
         num_calibration = min(args.num_calibration, trace.num_requests)
-    fitted = {"oracle", "eldr-raw", "eldr-all-layers"} | ({"eldr"} if args.partition is None else set())
+    fitted = {"oracle", "eldr-raw", "eldr-all-layers"} | (
+        {"eldr", REFIT_POLICY} if args.partition is None else set()
+    )
     if experiment.is_balanced and fitted & set(experiment.policies):  # only what is fitted, balanced
         check_fit_size(num_calibration, experiment.num_workers, max_bytes())
     partition = Partition.load(args.partition) if args.partition else None
@@ -295,6 +317,11 @@ def simulate_and_report(args: argparse.Namespace, trace: Any, trace_name: str) -
         "output_tokens": args.output_tokens,
         "layer_map": experiment.layer_map,
         "sampler": args.sampler,
+        **(
+            {"refit_every": experiment.refit_every, "refit_window": experiment.refit_window}
+            if REFIT_POLICY in experiment.policies
+            else {}
+        ),
     }
     if args.plot:
         from eldr.sim.plot import plot_policies

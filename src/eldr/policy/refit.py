@@ -3,11 +3,27 @@
 Balanced centroids are refitted from a rolling window of recent signatures, then aligned to the old
 centroids by Hungarian matching on cosine similarity, so that worker w keeps (as far as the data
 allows) the region of signature space it served before, and with it the experts its batches use.
+
+One owner: `Refitter`, a plain synchronous object (no clock, no event loop, no thread of its own),
+is the window, the "is a refit due" rule and the guard that a refit computed for one pool is never
+installed on another. Both users drive it the same way:
+
+    refitter.observe(signature)                 # every routed signature
+    job = refitter.due(centroids)               # a `RefitJob` when one is due, else None
+    result = job.compute()                      # pure CPU work: inline (simulator) or in a thread (proxy)
+    if refitter.accept(result): centroids = result.centroids
+
+Every change of the pool's membership (a worker added, removed) calls `membership_changed()`, which
+moves the *generation* on: a result whose job was cut for an older generation is refused, even when
+its shape happens to match the new pool (remove one worker and add another while a refit runs).
+The simulator uses it through `RefittingPolicy` (`eldr simulate --refit-every`); the proxy through
+`eldr.proxy.routing.DecodeRouter` (`eldr serve --refit-every`).
 """
 
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import optimize
@@ -17,6 +33,10 @@ from eldr.kmeans import normalize_rows, spherical_kmeans
 from eldr.policy.base import Decision, RequestView, StatelessPolicy, WorkersView
 from eldr.policy.locality_band import LocalityBandPolicy
 from eldr.signature import FloatArray
+
+DEFAULT_REFIT_WINDOW = 2000
+REFIT_POLICY = "eldr-refit"  # the simulator's name for eldr with online refit
+MAX_REFIT_WINDOW = 100_000  # signatures a refit may cluster (memory: window x L x E floats)
 
 
 def align_centroids(old: FloatArray, new: FloatArray) -> FloatArray:
@@ -36,54 +56,112 @@ def refit_centroids(
     return align_centroids(old, result.centroids)
 
 
+@dataclass(frozen=True)
+class RefitResult:
+    """Refitted centroids, row w for worker w of the pool of `generation`."""
+
+    centroids: FloatArray
+    generation: int
+
+
+@dataclass(frozen=True)
+class RefitJob:
+    """What one refit needs, copied out of the router: safe to compute in another thread."""
+
+    signatures: FloatArray  # [M, D] the window when the job was cut
+    centroids: FloatArray  # [K, D] the centroids then, row w for worker w
+    generation: int  # the pool membership they belong to
+    seed: int
+
+    def compute(self) -> RefitResult:
+        return RefitResult(refit_centroids(self.signatures, self.centroids, seed=self.seed), self.generation)
+
+
+class Refitter:
+    """The window of recent signatures, when a refit is due, and which results may be installed."""
+
+    def __init__(self, *, window: int = DEFAULT_REFIT_WINDOW, every: int = 500, seed: int = 1) -> None:
+        if window < 1:
+            raise ConfigError(f"refit window must be >= 1, got {window}")
+        if every < 1:
+            raise ConfigError(f"refit_every must be >= 1, got {every}")
+        self.every = every
+        self.seed = seed
+        self.generation = 0  # moved on by every membership change
+        self.num_refits = 0  # results installed
+        self.num_refused = 0  # results computed for an older generation
+        self.is_running = False  # a job is out (cut by `due`, not yet `accept`ed or `abandon`ed)
+        self._window: deque[FloatArray] = deque(maxlen=window)
+        self._since = 0
+
+    def recent(self) -> list[FloatArray]:
+        """The window: the last signatures observed, oldest first."""
+        return list(self._window)
+
+    def observe(self, signature: FloatArray | None) -> None:
+        """A routed request's signature (`None`: it had none; nothing to record)."""
+        if signature is not None:
+            self._window.append(signature)
+            self._since += 1
+
+    def due(self, centroids: FloatArray) -> RefitJob | None:
+        """A job when `every` signatures arrived since the last one and the window holds one per
+        worker, none while a job is out. Cutting it restarts the count."""
+        if self.is_running or self._since < self.every or len(self._window) < centroids.shape[0]:
+            return None
+        self._since = 0
+        self.is_running = True
+        return RefitJob(np.stack(list(self._window)), centroids.copy(), self.generation, self.seed)
+
+    def accept(self, result: RefitResult) -> bool:
+        """Whether `result` may replace the centroids: only for the pool it was computed for."""
+        self.is_running = False
+        if result.generation != self.generation:
+            self.num_refused += 1
+            return False
+        self.num_refits += 1
+        return True
+
+    def abandon(self) -> None:
+        """The job out failed (no result): allow the next one."""
+        self.is_running = False
+
+    def membership_changed(self) -> None:
+        """A worker was added or removed: results of jobs cut before are stale."""
+        self.generation += 1
+
+
 class RefittingPolicy(StatelessPolicy):
-    """Locality band whose centroids are refitted every `refit_every` routed signatures.
+    """Locality band whose centroids are refitted inline every `refit_every` routed signatures
+    (the simulator's online refit; the pool never changes there)."""
 
-    `choose` records signatures; with `is_auto=True` it also refits inline when due (simulation).
-    A server sets `is_auto=False` and runs `refit()` off the event loop when `is_refit_due()`.
-    """
-
-    name = "eldr-refit"
+    name = REFIT_POLICY
 
     def __init__(
         self,
         inner: LocalityBandPolicy,
         *,
-        window: int = 2000,
+        window: int = DEFAULT_REFIT_WINDOW,
         refit_every: int = 500,
-        is_auto: bool = True,
         seed: int = 1,
     ) -> None:
         num_workers = inner.centroids.shape[0]
         if window < num_workers:
             raise ConfigError(f"refit window {window} must hold at least K={num_workers} requests")
-        if refit_every < 1:
-            raise ConfigError(f"refit_every must be >= 1, got {refit_every}")
         self.inner = inner
-        self.refit_every = refit_every
-        self.is_auto = is_auto
-        self.seed = seed
-        self.num_refits = 0
-        self._window: deque[FloatArray] = deque(maxlen=window)
-        self._since_refit = 0
+        self.refitter = Refitter(window=window, every=refit_every, seed=seed)
+
+    @property
+    def num_refits(self) -> int:
+        return self.refitter.num_refits
 
     def choose(self, request: RequestView, workers: WorkersView) -> Decision:
         vec = self.inner.signature(request)
-        if vec is not None:
-            self._window.append(vec)
-            self._since_refit += 1
+        self.refitter.observe(vec)
         decision = self.inner.choose_signature(vec, workers)
-        if self.is_auto and self.is_refit_due():
-            self.refit()
+        job = self.refitter.due(self.inner.centroids)
+        if job is not None:
+            result = job.compute()
+            if self.refitter.accept(result):
+                self.inner.centroids = result.centroids
         return decision
-
-    def is_refit_due(self) -> bool:
-        num_workers = self.inner.centroids.shape[0]
-        return self._since_refit >= self.refit_every and len(self._window) >= num_workers
-
-    def refit(self) -> None:
-        """Refit from the window and swap the centroids in one assignment."""
-        self._since_refit = 0
-        recent = np.stack(list(self._window))
-        self.inner.centroids = refit_centroids(recent, self.inner.centroids, seed=self.seed)
-        self.num_refits += 1

@@ -26,9 +26,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from eldr.engineurl import url_identity
-from eldr.errors import ConfigError
+from eldr.errors import ConfigError, PoolChangeError, UnknownWorkerError
 from eldr.proxy.config import (
-    MAX_ENGINES,
     AllowedHost,
     ServeConfig,
     check_url,
@@ -36,6 +35,7 @@ from eldr.proxy.config import (
     parse_allowed_host,
 )
 from eldr.proxy.openai_errors import ProxyError, error_response
+from eldr.proxy.state import state_of
 from eldr.proxy.workers import Worker
 
 
@@ -48,7 +48,7 @@ def admin_routes() -> list[Route]:
 
 
 def _authorized(request: Request) -> ProxyError | None:
-    token = request.app.state.proxy.config.admin_token
+    token = state_of(request).config.admin_token
     if token is None:
         return ProxyError(404, "admin endpoints are disabled (no admin token configured)", "not_found")
     given = request.headers.get("authorization", "")
@@ -71,8 +71,7 @@ def _describe(worker: Worker) -> dict[str, Any]:
 async def _workers(request: Request) -> Response:
     if (denied := _authorized(request)) is not None:
         return error_response(denied)
-    state = request.app.state.proxy
-    return JSONResponse({"workers": [_describe(w) for w in state.all_workers()]})
+    return JSONResponse({"workers": [_describe(w) for w in state_of(request).all_workers()]})
 
 
 async def _url_of(request: Request) -> str:
@@ -110,37 +109,28 @@ async def _add_decode(request: Request) -> Response:
     url = await _authorized_url(request)
     if isinstance(url, Response):
         return url
-    state = request.app.state.proxy
+    state = state_of(request)
     host = identity_host(url)
     if not is_allowed_host(host, allowed_hosts(state.config)):
         return error_response(
             ProxyError(403, f"host {host} is not in admin_engine_hosts", "permission_denied")
         )
-    if state.decode.index_of(url) is not None:
-        return error_response(ProxyError(409, f"decode instance {url} is already in the pool", "conflict"))
-    if len(state.decode) >= MAX_ENGINES:
-        return error_response(
-            ProxyError(409, f"the pool holds {MAX_ENGINES} decode instances already", "conflict")
-        )
-    state.decode.workers.append(Worker(url, "decode"))
-    state.router.add_centroid()
-    state.metrics.healthy.labels("decode", url).set(1.0)
+    try:
+        worker = state.add_decode(url)
+    except PoolChangeError as exc:
+        return error_response(ProxyError(409, str(exc), "conflict"))
     await state.check_health()
-    return JSONResponse({"added": url, "decode": len(state.decode)})
+    return JSONResponse({"added": worker.url, "decode": len(state.decode)})
 
 
 async def _drain_decode(request: Request) -> Response:
     url = await _authorized_url(request)
     if isinstance(url, Response):
         return url
-    state = request.app.state.proxy
-    index = state.decode.index_of(url)
-    if index is None:
-        return error_response(ProxyError(404, f"no decode instance {url}", "not_found"))
-    if sum(not w.is_draining for w in state.decode.workers) <= 1:
-        return error_response(ProxyError(409, "cannot drain the last decode instance", "conflict"))
-    worker = state.decode.workers[index]
-    worker.is_draining = True
-    state.metrics.healthy.labels("decode", worker.url).set(0.0)
-    state.reap_drained()
+    try:
+        worker = state_of(request).drain_decode(url)
+    except UnknownWorkerError as exc:
+        return error_response(ProxyError(404, str(exc), "not_found"))
+    except PoolChangeError as exc:
+        return error_response(ProxyError(409, str(exc), "conflict"))
     return JSONResponse({"draining": worker.url, "in_flight": worker.in_flight})

@@ -40,7 +40,7 @@ from eldr.proxy.forwarding import ClientRequest, UpstreamRefused, new_request_id
 from eldr.proxy.openai_errors import ProxyError, error_reply, error_response
 from eldr.proxy.relay import Reply, StreamReply
 from eldr.proxy.server import HttpServer, ServerLimits
-from eldr.proxy.state import ProxyState
+from eldr.proxy.state import ProxyState, state_of
 
 log = logging.getLogger("eldr.proxy")
 
@@ -115,11 +115,6 @@ def server_for(app: ProxyApp) -> HttpServer:
     server = HttpServer(app, limits, on_event=lambda reason: errors.labels(reason).inc())
     state.server = server
     return server
-
-
-def _state(request: Request) -> ProxyState:
-    state: ProxyState = request.app.state.proxy
-    return state
 
 
 async def _generate(state: ProxyState, scope: Scope, receive: Receive, send: Send) -> None:
@@ -320,7 +315,7 @@ def _observe(state: ProxyState, endpoint: str, status: int, started: float) -> N
 
 def _needs_key(request: Request, *, is_public: bool = False) -> Response | None:
     """The 401 answer for a request without the API key (None: it may pass)."""
-    config = _state(request).config
+    config = state_of(request).config
     if is_public or _has_key(config, request.headers.get("authorization", "")):
         return None
     return error_response(_NO_KEY)
@@ -332,13 +327,13 @@ async def _models(request: Request) -> Response:
     created = int(time.time())
     data = [
         {"id": m, "object": "model", "created": created, "owned_by": "eldr"}
-        for m in _state(request).known_models()
+        for m in state_of(request).known_models()
     ]
     return JSONResponse({"object": "list", "data": data})
 
 
 async def _health(request: Request) -> Response:
-    state = _state(request)
+    state = state_of(request)
     if (denied := _needs_key(request, is_public=state.config.public_health_metrics)) is not None:
         return denied
     prefill, decode = state.prefill.num_healthy(), state.decode.num_healthy()
@@ -351,7 +346,7 @@ async def _health(request: Request) -> Response:
 
 
 async def _metrics(request: Request) -> Response:
-    state = _state(request)
+    state = state_of(request)
     if (denied := _needs_key(request, is_public=state.config.public_health_metrics)) is not None:
         return denied
     m = state.metrics

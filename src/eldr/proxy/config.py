@@ -24,10 +24,10 @@ from eldr.errors import ConfigError, InputFileError
 from eldr.inputfile import read_text
 from eldr.limits import GIB, MAX_CONFIG_BYTES, MAX_SEED, MAX_TIMEOUT_S, MIB
 from eldr.policy import DEFAULT_LAM, DEFAULT_TAU, FEWEST_NEW_EXPERTS, SERVE_POLICIES, check_tau
+from eldr.policy.refit import DEFAULT_REFIT_WINDOW, MAX_REFIT_WINDOW
 
 KIB = 1024
 
-DECODE_POLICIES = SERVE_POLICIES
 PREFILL_POLICIES = ("least-loaded", "prefix-hash")
 LOAD_SIGNALS = ("router", "blend")
 AUTH_FORWARDING = ("none", "client", "engine-key")
@@ -66,7 +66,7 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "eject_after": (1, 1_000_000, False),
     "recover_after": (1, 1_000_000, False),
     "refit_every": (0, 1_000_000_000, False),
-    "refit_window": (1, 100_000, False),
+    "refit_window": (1, MAX_REFIT_WINDOW, False),
     "top_k": (0, 4096, False),
     "lam": (0.0, 1e6, False),
 }
@@ -131,7 +131,7 @@ class ServeConfig:
     load_signal: str = "router"
     # online refit of the eldr centroids (0: off)
     refit_every: int = 0
-    refit_window: int = 2000
+    refit_window: int = DEFAULT_REFIT_WINDOW
     # security
     api_key: str | None = None  # clients must send `Authorization: Bearer <api_key>`
     public_health_metrics: bool = False  # with api_key: /health and /metrics answer without it
@@ -159,7 +159,7 @@ class ServeConfig:
             raise ConfigError("partition must be a file path, got an empty one")
         for name, (low, high, is_low_open) in RANGES.items():
             _check_range(name, getattr(self, name), low, high, is_low_open)
-        _choice("policy", self.policy, DECODE_POLICIES)
+        _choice("policy", self.policy, SERVE_POLICIES)
         _choice("prefill_policy", self.prefill_policy, PREFILL_POLICIES)
         _choice("load_signal", self.load_signal, LOAD_SIGNALS)
         _choice("forward_auth", self.forward_auth, AUTH_FORWARDING)

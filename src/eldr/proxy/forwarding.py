@@ -170,8 +170,8 @@ class Forwarder:
 
     async def handle(self, request: ClientRequest) -> Reply | StreamReply:
         """The client's answer: JSON, an SSE stream to relay, or an OpenAI-style error."""
-        failed_prefill: set[int] = set()
-        failed_decode: set[int] = set()
+        failed_prefill: set[Worker] = set()  # instances, not positions (a drained one may be removed)
+        failed_decode: set[Worker] = set()
         reasons: list[str] = []  # for the client: no addresses
         details: list[str] = []  # for the log
         for attempt in range(self.config.max_attempts):
@@ -181,23 +181,24 @@ class Forwarder:
                 p_index = self.chooser.choose(request.prompt_key, failed_prefill)
             except NoHealthyWorkerError:
                 break
+            p_worker = self.prefill.workers[p_index]
             try:
-                answer = await self.run_prefill(self.prefill.workers[p_index], request, headers)
+                answer = await self.run_prefill(p_worker, request, headers)
             except LegFailed as exc:
-                failed_prefill.add(p_index)
+                failed_prefill.add(p_worker)
                 reasons.append(f"prefill: {exc.public}")
-                details.append(f"prefill {self.prefill.workers[p_index].url} as {request_id}: {exc.detail}")
+                details.append(f"prefill {p_worker.url} as {request_id}: {exc.detail}")
                 self.metrics.retries.labels("prefill").inc()
                 continue
             try:
-                d_index, body, leg = self.route(request, answer, p_index, failed_decode)
+                d_index, body, leg = self.route(request, answer, p_worker, failed_decode)
             except NoHealthyWorkerError:
                 break
             worker = self.router.pool.workers[d_index]
             try:
                 return await self.run_decode(worker, request, body, headers, leg)
             except LegFailed as exc:
-                failed_decode.add(d_index)
+                failed_decode.add(worker)
                 reasons.append(f"decode: {exc.public}")
                 details.append(f"decode {worker.url} as {request_id}: {exc.detail}")
                 self.metrics.retries.labels("decode").inc()
@@ -258,7 +259,7 @@ class Forwarder:
             lease.release(outcome)
 
     def route(
-        self, request: ClientRequest, answer: ParsedAnswer, p_index: int, failed_decode: set[int]
+        self, request: ClientRequest, answer: ParsedAnswer, p_worker: Worker, failed_decode: set[Worker]
     ) -> tuple[int, dict[str, Any], str]:
         """The decode instance, the decode body (original + the engine's kv_transfer_params) and the
         leg's id in the decode policy (`run_decode` releases it)."""
@@ -274,7 +275,7 @@ class Forwarder:
         m = self.metrics
         m.signature_sources.labels(extracted.source).inc()
         if error is not None:
-            self.note_malformed(self.prefill.workers[p_index], error)
+            self.note_malformed(p_worker, error)
         body = dict(request.body)
         body["kv_transfer_params"] = strip_payload(answer.kv_transfer_params)
         leg = f"{request.request_id}#{next(self._legs)}"

@@ -4,8 +4,10 @@ Decode: the configured policy over the decode pool. With `eldr`, centroid row w 
 `decode.workers[w]`; adding an instance at run time gives it a copy of the centroid of the busiest
 instance (it splits the hottest region of signature space: both are in that region's band and share
 its load by JSQ), removing one deletes its row (its requests go to the next most similar region). With
-online refit on, the recent signatures are re-clustered into one centroid per instance, off the event
-loop, and aligned to the old rows by Hungarian matching (`eldr.policy.refit`). With
+online refit on, a `eldr.policy.refit.Refitter` keeps the recent signatures and cuts refit jobs that
+the proxy computes off the event loop (re-clustered into one centroid per instance, aligned to the old
+rows by Hungarian matching); every pool change moves its generation on, so a job cut for the old pool
+is never installed on the new one. With
 `fewest-new-experts` the policy holds every dispatched decode leg's experts until `release` (the
 forwarder's decode lease calls it once, however the leg ends); an added instance starts empty, a
 removed one (only once drained) takes its row with it.
@@ -19,8 +21,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Set
 
 import numpy as np
 
@@ -35,13 +36,12 @@ from eldr.policy import (
     make_policy,
 )
 from eldr.policy.base import least_loaded
-from eldr.policy.refit import refit_centroids
-from eldr.proxy.workers import Pool
-from eldr.signature import FloatArray
+from eldr.policy.refit import DEFAULT_REFIT_WINDOW, RefitJob, RefitResult, Refitter
+from eldr.proxy.workers import Pool, Worker
 
 
 class DecodeRouter:
-    """The decode policy plus what the proxy adds: the signature window and pool changes."""
+    """The decode policy plus what the proxy adds: online refit and pool changes."""
 
     def __init__(
         self,
@@ -51,7 +51,8 @@ class DecodeRouter:
         *,
         tau: float,
         seed: int,
-        refit_window: int = 0,
+        refit_every: int = 0,
+        refit_window: int = DEFAULT_REFIT_WINDOW,
         top_k: int | None = None,
         lam: float = DEFAULT_LAM,
     ) -> None:
@@ -71,9 +72,11 @@ class DecodeRouter:
         self.overlap: FewestNewExpertsPolicy | None = (
             self.policy if isinstance(self.policy, FewestNewExpertsPolicy) else None
         )
-        self.window: deque[FloatArray] = deque(maxlen=max(refit_window, 1))
-        self.is_recording = refit_window > 0 and self.band is not None
-        self.since_refit = 0
+        self.refitter: Refitter | None = (
+            Refitter(window=refit_window, every=refit_every, seed=seed)
+            if refit_every > 0 and self.band is not None
+            else None
+        )
 
     @property
     def num_experts(self) -> int | None:
@@ -84,16 +87,15 @@ class DecodeRouter:
             return self.overlap.shape[1]
         return None
 
-    def choose(self, request: RequestView, excluded: set[int]) -> Decision:
+    def choose(self, request: RequestView, excluded: Set[Worker]) -> Decision:
+        """The decode instance (its pool index) for `request`, never one of `excluded`."""
         view = self.pool.view(excluded)
         if self.band is None:
             return self.policy.choose(request, view)
-        if not self.is_recording:
+        if self.refitter is None:
             return self.band.choose(request, view)
         vec = self.band.signature(request)
-        if vec is not None:
-            self.window.append(vec)
-            self.since_refit += 1
+        self.refitter.observe(vec)
         return self.band.choose_signature(vec, view)
 
     def release(self, request_id: str) -> None:
@@ -103,6 +105,8 @@ class DecodeRouter:
     def add_centroid(self) -> None:
         """Give a just-appended decode instance the busiest instance's centroid (or, for
         fewest-new-experts, an empty row)."""
+        if self.refitter is not None:
+            self.refitter.membership_changed()
         if self.overlap is not None:
             self.overlap.add_worker()
         if self.band is None:
@@ -112,29 +116,32 @@ class DecodeRouter:
         self.band.centroids = np.vstack([old, old[busiest : busiest + 1]])
 
     def remove_centroid(self, index: int) -> None:
+        """Drop the row of the decode instance at `index` (just removed from the pool)."""
+        if self.refitter is not None:
+            self.refitter.membership_changed()
         if self.band is not None:
             self.band.centroids = np.delete(self.band.centroids, index, axis=0)
         if self.overlap is not None:
             self.overlap.remove_worker(index)
 
-    def refit_input(self) -> tuple[FloatArray, FloatArray] | None:
-        """(recent signatures, current centroids) when enough were seen; resets the counter."""
-        if self.band is None or len(self.window) < self.band.centroids.shape[0]:
+    def refit_job(self) -> RefitJob | None:
+        """A refit to compute (off the event loop) when one is due and none is out."""
+        if self.refitter is None or self.band is None:
             return None
-        self.since_refit = 0
-        return np.stack(list(self.window)), self.band.centroids.copy()
+        return self.refitter.due(self.band.centroids)
 
-    def install(self, new: FloatArray, based_on: FloatArray) -> bool:
-        """Swap in refitted centroids unless the pool changed while they were computed."""
-        if self.band is None or self.band.centroids.shape != based_on.shape:
+    def install(self, result: RefitResult) -> bool:
+        """Swap in refitted centroids, unless the pool changed since their job was cut."""
+        if self.refitter is None or self.band is None or not self.refitter.accept(result):
             return False
-        self.band.centroids = new
+        assert result.centroids.shape == self.band.centroids.shape  # same generation: same pool
+        self.band.centroids = result.centroids
         return True
 
-
-def compute_refit(signatures: FloatArray, old: FloatArray, seed: int) -> FloatArray:
-    """Balanced k-means on the window, aligned to `old` (CPU work: run it in a thread)."""
-    return refit_centroids(signatures, old, seed=seed)
+    def abandon_refit(self) -> None:
+        """The refit out failed: keep the centroids, allow the next one."""
+        if self.refitter is not None:
+            self.refitter.abandon()
 
 
 class PrefillChooser:
@@ -161,7 +168,7 @@ class PrefillChooser:
         )
         self._ring, self._ring_keys = ring, [k for k, _ in ring]
 
-    def choose(self, prompt_key: Callable[[], bytes], excluded: set[int]) -> int:
+    def choose(self, prompt_key: Callable[[], bytes], excluded: Set[Worker]) -> int:
         """The prefill instance; `prompt_key` is only called (it serializes chat messages) when hashing."""
         if self.mode == "least-loaded":
             return self.pool.least_loaded(excluded, self._rng)

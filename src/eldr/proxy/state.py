@@ -1,24 +1,29 @@
 """The proxy's state, built once from the config: pools, router, metrics, HTTP client, tasks.
 
 No module-level state: everything lives on one `ProxyState`, created by `build_app` and reached by the
-routes through `request.app.state.proxy`.
+routes through `state_of(request)`. It owns the decode pool's membership: `add_decode`,
+`drain_decode` and `reap_drained` (which removes drained instances) are the only code that changes
+it, and each keeps the pool, the router's rows (centroids, expert sets, the refit generation), the
+HTTP client's connections and the health metrics in step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
-from eldr.errors import PartitionMismatchError
+from eldr.errors import PartitionMismatchError, PoolChangeError, UnknownWorkerError
 from eldr.partition import Partition
 from eldr.policy import FEWEST_NEW_EXPERTS
+from eldr.policy.refit import RefitJob
 from eldr.proxy.admission import Admission, BodyBudget
 from eldr.proxy.answers import AnswerParser
-from eldr.proxy.config import ServeConfig
+from eldr.proxy.config import MAX_ENGINES, ServeConfig
 from eldr.proxy.forwarding import Forwarder
 from eldr.proxy.health import check_all
 from eldr.proxy.metrics import Metrics
-from eldr.proxy.routing import DecodeRouter, PrefillChooser, compute_refit
+from eldr.proxy.routing import DecodeRouter, PrefillChooser
 from eldr.proxy.server import HttpServer
 from eldr.proxy.upstream import UpstreamClient
 from eldr.proxy.workers import Pool, Worker
@@ -54,7 +59,8 @@ class ProxyState:
             self.partition,
             tau=config.tau,
             seed=config.seed,
-            refit_window=config.refit_window if config.refit_every else 0,
+            refit_every=config.refit_every,
+            refit_window=config.refit_window,
             top_k=top_k,
             lam=config.lam,
         )
@@ -132,8 +138,42 @@ class ProxyState:
             await asyncio.sleep(self.config.health_interval_s)
             await self.check_health()
 
-    def reap_drained(self) -> None:
-        """Remove drained decode instances that have finished their requests."""
+    # ------------------------------------------------------------------ decode pool membership
+
+    def add_decode(self, url: str) -> Worker:
+        """Append a decode instance (health-checked with the others from the next check on).
+
+        Raises `PoolChangeError` when it is in the pool already (any spelling of its URL) or the pool
+        is full (`MAX_ENGINES`)."""
+        if self.decode.index_of(url) is not None:
+            raise PoolChangeError(f"decode instance {url} is already in the pool")
+        if len(self.decode) >= MAX_ENGINES:
+            raise PoolChangeError(f"the pool holds {MAX_ENGINES} decode instances already")
+        worker = Worker(url, "decode")
+        self.decode.workers.append(worker)
+        self.router.add_centroid()
+        self.metrics.healthy.labels("decode", url).set(1.0)
+        return worker
+
+    def drain_decode(self, url: str) -> Worker:
+        """Stop routing to the decode instance `url`; it is removed (`reap_drained`) once idle.
+
+        Raises `UnknownWorkerError` when no instance has that URL, `PoolChangeError` when it is the
+        last one not draining."""
+        index = self.decode.index_of(url)
+        if index is None:
+            raise UnknownWorkerError(f"no decode instance {url}")
+        worker = self.decode.workers[index]
+        if not worker.is_draining and sum(not w.is_draining for w in self.decode.workers) <= 1:
+            raise PoolChangeError("cannot drain the last decode instance")
+        worker.is_draining = True
+        self.metrics.healthy.labels("decode", worker.url).set(0.0)
+        self.reap_drained()
+        return worker
+
+    def reap_drained(self) -> list[Worker]:
+        """Remove drained decode instances that have finished their requests; the removed ones."""
+        removed: list[Worker] = []
         for index in reversed(range(len(self.decode))):
             worker = self.decode.workers[index]
             if worker.is_draining and worker.in_flight == 0 and len(self.decode) > 1:
@@ -143,25 +183,32 @@ class ProxyState:
                     self.client.forget(worker.url)
                 self.metrics.healthy.remove(worker.role, worker.url)
                 log.warning("decode instance %s drained and removed", worker.url)
+                removed.append(worker)
+        return removed
+
+    # ------------------------------------------------------------------ online refit
 
     def maybe_refit(self) -> None:
         """Start a refit off the event loop when one is due and none is running."""
-        r = self.router
-        if not self.config.refit_every or r.since_refit < self.config.refit_every or self._refitting:
-            return
-        data = r.refit_input()
-        if data is not None:
-            self._refitting = True
-            self.spawn(self._refit(*data))
+        job = self.router.refit_job()
+        if job is not None:
+            self.spawn(self._refit(job))
 
-    _refitting = False
-
-    async def _refit(self, signatures: object, old: object) -> None:
+    async def _refit(self, job: RefitJob) -> None:
         try:
-            new = await asyncio.to_thread(compute_refit, signatures, old, self.config.seed)  # type: ignore[arg-type]
-            if self.router.install(new, old):  # type: ignore[arg-type]
-                self.metrics.refits.inc()
+            result = await asyncio.to_thread(job.compute)
         except Exception:  # a failed refit keeps the old centroids; the proxy goes on
+            self.router.abandon_refit()
             log.exception("online refit failed; keeping the current centroids")
-        finally:
-            self._refitting = False
+            return
+        if self.router.install(result):
+            self.metrics.refits.inc()
+        else:
+            log.info("online refit dropped: the decode pool changed while it ran")
+
+
+def state_of(request: Any) -> ProxyState:
+    """The `ProxyState` of the app a route's request arrived on (typed access for the routes)."""
+    state = request.app.state.proxy
+    assert isinstance(state, ProxyState)
+    return state

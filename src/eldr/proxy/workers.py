@@ -8,6 +8,7 @@ instance is found by its identity (`engineurl.url_identity`), so `http://localho
 
 from __future__ import annotations
 
+from collections.abc import Set
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,6 +17,7 @@ import numpy.typing as npt
 from eldr.engineurl import url_identity
 from eldr.errors import NoHealthyWorkerError
 from eldr.policy import WorkersView
+from eldr.policy.base import least_loaded
 
 
 @dataclass(eq=False)
@@ -68,29 +70,20 @@ class Pool:
             (max(w.in_flight, w.engine_load or 0) for w in self.workers), np.int64, len(self.workers)
         )
 
-    def view(self, excluded: set[int] | frozenset[int] = frozenset()) -> WorkersView:
-        """Loads and routability, minus the instances this request already failed on."""
-        ok = np.fromiter(
-            (w.is_routable and i not in excluded for i, w in enumerate(self.workers)), np.bool_, len(self)
-        )
+    def view(self, excluded: Set[Worker] = frozenset()) -> WorkersView:
+        """Loads and routability, minus the instances this request already failed on (by instance, not
+        position: a drained instance removed between two attempts shifts the positions)."""
+        ok = np.fromiter((w.is_routable and w not in excluded for w in self.workers), np.bool_, len(self))
         return WorkersView(self.loads(), ok)
 
-    def least_loaded(self, excluded: set[int], rng: np.random.Generator) -> int:
-        """The routable instance with the lowest load signal, ties broken at random (plain Python: the
-        pools are small and this runs on every request)."""
-        best: list[int] = []
-        lowest = 0
-        for i, w in enumerate(self.workers):
-            if not w.is_routable or i in excluded:
-                continue
-            load = max(w.in_flight, w.engine_load or 0) if self.is_blended else w.in_flight
-            if not best or load < lowest:
-                best, lowest = [i], load
-            elif load == lowest:
-                best.append(i)
-        if not best:
+    def least_loaded(self, excluded: Set[Worker], rng: np.random.Generator) -> int:
+        """The routable instance with the lowest load signal, ties broken at random (the policies' own
+        `least_loaded` over this pool's view)."""
+        view = self.view(excluded)
+        routable = np.flatnonzero(view.healthy)
+        if routable.size == 0:
             raise NoHealthyWorkerError(f"no healthy {self.role} instance")
-        return best[0] if len(best) == 1 else best[int(rng.integers(len(best)))]
+        return least_loaded(routable, view, rng)
 
     def index_of(self, url: str) -> int | None:
         """The position of the instance `url` names (in any of its spellings), or None."""

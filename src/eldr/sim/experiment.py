@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 from eldr.calibration_data import CalibrationData
 from eldr.errors import ConfigError
 from eldr.partition import Partition
-from eldr.policy import DEFAULT_TAU, FewestNewExpertsPolicy, check_lam, check_tau
+from eldr.policy import DEFAULT_TAU, SIM_POLICIES, FewestNewExpertsPolicy, check_lam, check_tau
+from eldr.policy.refit import DEFAULT_REFIT_WINDOW, REFIT_POLICY
 from eldr.sim.costmodel import CostModel, bind
 from eldr.sim.engine import PoolConfig, RunResult, simulate
 from eldr.sim.report import PolicyMetrics, metrics_of
 from eldr.sim.workload import (
-    SIM_POLICY_NAMES,
     WorkloadConfig,
     build_policy,
     measured_requests,
@@ -33,14 +33,23 @@ class Experiment:
     layer_map: str = "nearest"
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     lam: float | None = None  # fewest-new-experts' load weight; None: derived from the cost model
+    refit_every: int = 500  # eldr-refit: refit after this many routed signatures
+    refit_window: int = DEFAULT_REFIT_WINDOW  # eldr-refit: recent signatures a refit clusters
 
     def __post_init__(self) -> None:
-        unknown = [name for name in self.policies if name not in SIM_POLICY_NAMES]
+        unknown = [name for name in self.policies if name not in SIM_POLICIES]
         if unknown or not self.policies:
-            raise ConfigError(f"unknown policies {unknown}; choose from {', '.join(SIM_POLICY_NAMES)}")
+            raise ConfigError(f"unknown policies {unknown}; choose from {', '.join(SIM_POLICIES)}")
         check_tau(self.tau)
         if self.lam is not None:
             check_lam(self.lam)
+        if self.refit_every < 1:
+            raise ConfigError(f"refit_every must be >= 1, got {self.refit_every}")
+        if REFIT_POLICY in self.policies and self.refit_window < self.num_workers:
+            raise ConfigError(
+                f"refit window {self.refit_window} must hold at least one request per worker "
+                f"({self.num_workers})"
+            )
 
 
 @dataclass(frozen=True)
@@ -89,6 +98,8 @@ def run_experiment(
             step_cost=step_cost,
             lam=experiment.lam,
             output_tokens=experiment.workload.output_tokens,
+            refit_every=experiment.refit_every,
+            refit_window=experiment.refit_window,
         )
         if isinstance(policy, FewestNewExpertsPolicy):
             lam = policy.lam
@@ -99,9 +110,9 @@ def run_experiment(
 
 
 def check_policies(names: Sequence[str]) -> tuple[str, ...]:
-    """Parse a policy list (`SIM_POLICY_NAMES`: POLICY_NAMES + ablations), keeping order, dropping repeats."""
+    """Parse a policy list (`SIM_POLICIES`: the whole registry), keeping order, dropping repeats."""
     unique = tuple(dict.fromkeys(n.strip() for n in names if n.strip()))
-    unknown = [n for n in unique if n not in SIM_POLICY_NAMES]
+    unknown = [n for n in unique if n not in SIM_POLICIES]
     if unknown or not unique:
-        raise ConfigError(f"unknown policies {unknown}; choose from {', '.join(SIM_POLICY_NAMES)}")
+        raise ConfigError(f"unknown policies {unknown}; choose from {', '.join(SIM_POLICIES)}")
     return unique

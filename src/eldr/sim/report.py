@@ -8,12 +8,12 @@ from typing import Any
 
 import numpy as np
 
-from eldr.policy import FEWEST_NEW_EXPERTS, LOAD_BALANCERS
+from eldr.policy import ABLATION_POLICIES, FEWEST_NEW_EXPERTS, LOAD_BALANCERS
+from eldr.policy.refit import REFIT_POLICY
 from eldr.sim.engine import RunResult
-from eldr.sim.workload import ABLATION_POLICIES
 
 # policies reported against the best load balancer (never one themselves): eldr, its ablations, the rest
-GAIN_POLICIES = ("eldr", *ABLATION_POLICIES, "domain", "oracle", FEWEST_NEW_EXPERTS)
+GAIN_POLICIES = ("eldr", REFIT_POLICY, *ABLATION_POLICIES, "domain", "oracle", FEWEST_NEW_EXPERTS)
 
 
 @dataclass(frozen=True)

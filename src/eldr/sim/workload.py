@@ -4,8 +4,10 @@ Calibration requests (what `eldr` and `domain` are fitted on) come from, in orde
 `--calibration FILE` (a trace or a CAL.npz), the trace's boolean `calibration` flags, or its first
 `num_calibration` requests. Requests used for calibration are never measured.
 
-Besides `eldr.policy.POLICY_NAMES`, the simulator runs the paper's signature ablations
-(`ABLATION_POLICIES`): `eldr` fitted on the same calibration set with one ingredient off.
+Every policy of the registry (`eldr.policy.registry`) runs here: besides `POLICY_NAMES`, the paper's
+signature ablations (`ABLATION_POLICIES`: `eldr` fitted on the same calibration set with one
+ingredient off) and `eldr-refit` (eldr with online refit). A spec's `partition` says what its
+partition is fitted on here (`fit_for`).
 `fewest-new-experts` needs no fitting: it weighs the trace's recorded layers by the model layers each
 stands for (the cost model's layer map) and, unless `lam` is given, takes the load weight the cost
 model implies for the calibration set's mean context (`overlap_lam`).
@@ -23,36 +25,16 @@ from eldr.calibrate import FitConfig, fit_partition
 from eldr.calibration_data import CalibrationData
 from eldr.errors import ConfigError, InvalidInputError
 from eldr.partition import Partition
-from eldr.policy import (
-    FEWEST_NEW_EXPERTS,
-    LOAD_BALANCERS,
-    POLICY_NAMES,
-    DomainPolicy,
-    FewestNewExpertsPolicy,
-    LocalityBandPolicy,
-    OraclePolicy,
-    Policy,
-    RequestView,
-    make_policy,
-)
+from eldr.policy import FEWEST_NEW_EXPERTS, SIM_POLICIES, Policy, PolicyInputs, RequestView, spec_of
 from eldr.policy.domain import label_counts_of
 from eldr.policy.expert_overlap import lam_of
+from eldr.policy.refit import DEFAULT_REFIT_WINDOW
 from eldr.sim.costmodel import StepCost
 from eldr.sim.engine import Requests
 from eldr.sim.tokens import SAMPLERS, TokenPlan, replay_plan, sample_plan, subset_plan
 from eldr.trace.format import Trace
 
 DECODE_MODES = ("auto", "sample", "replay")
-
-# eldr with one ingredient of the signature or the partition switched off (paper §4.2, §4.3.1):
-# FitConfig overrides; everything else (seed, calibration set, tau, routing) as `eldr`.
-ABLATION_FITS: dict[str, dict[str, Any]] = {
-    "eldr-raw": {"weighting": "raw"},  # counts without IDF weights
-    "eldr-all-layers": {"layer_selection": "all"},  # no greedy layer mask
-    "eldr-plain": {"is_balanced": False},  # plain instead of balanced spherical k-means
-}
-ABLATION_POLICIES = tuple(ABLATION_FITS)
-SIM_POLICY_NAMES = (*POLICY_NAMES, *ABLATION_POLICIES)  # what `eldr simulate --policies` accepts
 
 
 @dataclass(frozen=True)
@@ -173,16 +155,17 @@ def token_plan(
 def fit_for(
     name: str, cal: CalibrationData, num_workers: int, *, is_balanced: bool, fit_seed: int = 1
 ) -> Partition:
-    """The partition a policy routes with: prefill counts (`eldr` and its ablations) or decode counts
-    (`oracle`). An ablation overrides one `FitConfig` setting (`ABLATION_FITS`); `eldr-plain` is plain
-    k-means whatever `is_balanced` says."""
-    if name == "oracle":
+    """The partition a policy routes with, fitted on what its spec says: prefill counts (`eldr` and its
+    variants) or decode counts (`oracle`). An ablation overrides one `FitConfig` setting (its spec's
+    `fit_overrides`); `eldr-plain` is plain k-means whatever `is_balanced` says."""
+    spec = spec_of(name, SIM_POLICIES)
+    if spec.partition == "decode":
         if cal.decode_counts is None:
-            raise InvalidInputError("the oracle policy needs calibration decode_counts")
+            raise InvalidInputError(f"the {name} policy needs calibration decode_counts")
         counts = cal.decode_counts
     else:
         counts = cal.prefill_counts
-    settings: dict[str, Any] = {"is_balanced": is_balanced, **ABLATION_FITS.get(name, {})}
+    settings: dict[str, Any] = {"is_balanced": is_balanced, **spec.fit_overrides}
     config = FitConfig(num_workers=num_workers, seed=fit_seed, **settings)
     return fit_partition(counts, config, decode_counts=cal.decode_counts, top_k=cal.top_k)
 
@@ -214,30 +197,22 @@ def overlap_lam(step_cost: StepCost, context_tokens: float) -> float:
     )
 
 
-def overlap_policy(
-    cal: CalibrationData,
-    num_workers: int,
-    step_cost: StepCost,
-    *,
-    seed: int,
-    lam: float | None = None,
-    output_tokens: int | None = None,
-) -> FewestNewExpertsPolicy:
-    """`fewest-new-experts` for a simulated pool: layers weighed by the layer map, lam derived unless
-    given."""
+def overlap_inputs(
+    cal: CalibrationData, step_cost: StepCost, *, lam: float | None = None, output_tokens: int | None = None
+) -> dict[str, Any]:
+    """`fewest-new-experts` in a simulated pool: layers weighed by the layer map, lam derived from the
+    cost model unless given, L x E and top_k from the calibration requests."""
     if lam is None:
         lam = overlap_lam(step_cost, mean_context_tokens(cal, output_tokens))
     if cal.top_k is None:
         raise InvalidInputError(f"the {FEWEST_NEW_EXPERTS} policy needs top_k (the trace's or CAL.npz's)")
     num_layers, num_experts = cal.prefill_counts.shape[1:]
-    return FewestNewExpertsPolicy(
-        num_workers,
-        cal.top_k,
-        lam=lam,
-        layer_weights=step_cost.layer_weights,
-        shape=(int(num_layers), int(num_experts)),
-        seed=seed,
-    )
+    return {
+        "lam": lam,
+        "top_k": cal.top_k,
+        "layer_weights": step_cost.layer_weights,
+        "shape": (int(num_layers), int(num_experts)),
+    }
 
 
 def build_policy(
@@ -252,31 +227,37 @@ def build_policy(
     step_cost: StepCost | None = None,
     lam: float | None = None,
     output_tokens: int | None = None,
+    refit_every: int = 500,
+    refit_window: int = DEFAULT_REFIT_WINDOW,
 ) -> Policy:
-    """The policy `name`, fitted on the calibration set where it needs fitting.
+    """The policy `name` of the registry, with what its spec needs derived from the calibration set.
 
-    `partition` replaces the fitted one for `eldr` only; the ablations are always fitted here.
-    `fewest-new-experts` needs `step_cost` (and takes `lam`, `output_tokens`: `overlap_policy`).
+    A policy with a partition gets one fitted here (`fit_for`); `partition` replaces it for `eldr` and
+    `eldr-refit` only (the ablations and `oracle` are always fitted here). `domain` takes the
+    calibration labels; `fewest-new-experts` needs `step_cost` (and takes `lam`, `output_tokens`:
+    `overlap_inputs`); `eldr-refit` refits every `refit_every` signatures over the last `refit_window`.
     """
-    if name in LOAD_BALANCERS:
-        return make_policy(name, seed=seed)
-    if name == FEWEST_NEW_EXPERTS:
-        if step_cost is None:
-            raise ConfigError(f"the {name} policy needs the bound cost model (step_cost)")
-        return overlap_policy(cal, num_workers, step_cost, seed=seed, lam=lam, output_tokens=output_tokens)
-    if name == "eldr":
-        part = partition or fit_for("eldr", cal, num_workers, is_balanced=is_balanced)
-        return LocalityBandPolicy(part, tau=tau, seed=seed)
-    if name in ABLATION_FITS:
-        ablation = LocalityBandPolicy(
-            fit_for(name, cal, num_workers, is_balanced=is_balanced), tau=tau, seed=seed
+    spec = spec_of(name, SIM_POLICIES)
+    extra: dict[str, Any] = {}
+    if spec.partition is not None:
+        is_given = partition is not None and spec.partition == "prefill" and not spec.fit_overrides
+        extra["partition"] = (
+            partition if is_given else fit_for(name, cal, num_workers, is_balanced=is_balanced)
         )
-        ablation.name = name  # runs and metrics carry the variant's name
-        return ablation
-    if name == "oracle":
-        return OraclePolicy(fit_for("oracle", cal, num_workers, is_balanced=is_balanced), tau=tau, seed=seed)
     if name == "domain":
         if cal.labels is None:
             raise InvalidInputError("the domain policy needs labelled calibration requests (trace `domain`)")
-        return DomainPolicy(label_counts_of(cal.labels), num_workers, seed=seed)
-    raise ConfigError(f"unknown policy {name!r}; choose from {', '.join(SIM_POLICY_NAMES)}")
+        extra["label_counts"] = label_counts_of(cal.labels)
+    if name == FEWEST_NEW_EXPERTS:
+        if step_cost is None:
+            raise ConfigError(f"the {name} policy needs the bound cost model (step_cost)")
+        extra.update(overlap_inputs(cal, step_cost, lam=lam, output_tokens=output_tokens))
+    inputs = PolicyInputs(
+        num_workers=num_workers,
+        seed=seed,
+        tau=tau,
+        refit_every=refit_every,
+        refit_window=refit_window,
+        **extra,
+    )
+    return spec.build(inputs)

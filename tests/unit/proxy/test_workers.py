@@ -27,7 +27,7 @@ def test_least_loaded_agrees_with_the_policy_view() -> None:
         loads = tuple(int(x) for x in rng.integers(0, 4, 3))
         p = pool(loads)
         p.workers[int(rng.integers(3))].is_healthy = bool(rng.integers(2))
-        excluded = {int(rng.integers(3))} if rng.integers(2) else set()
+        excluded = {p.workers[int(rng.integers(3))]} if rng.integers(2) else set()
         view = p.view(excluded)
         routable = [i for i in range(3) if view.healthy[i]]
         if not routable:

@@ -11,13 +11,11 @@ import pytest
 from eldr.cli import main
 from eldr.commands.simulate import DEFAULT_POLICIES
 from eldr.errors import ConfigError
-from eldr.policy import POLICY_NAMES, LocalityBandPolicy
+from eldr.policy import ABLATION_POLICIES, POLICY_NAMES, SIM_POLICIES, LocalityBandPolicy
 from eldr.sim.experiment import Experiment, check_policies, run_experiment
 from eldr.sim.presets import preset
 from eldr.sim.report import gain_lines, to_json
 from eldr.sim.workload import (
-    ABLATION_POLICIES,
-    SIM_POLICY_NAMES,
     WorkloadConfig,
     build_policy,
     fit_for,
@@ -37,7 +35,7 @@ def test_names_are_simulator_only() -> None:
     assert ABLATION_POLICIES == ("eldr-raw", "eldr-all-layers", "eldr-plain")
     assert not set(ABLATION_POLICIES) & set(POLICY_NAMES)  # `eldr serve` does not take them
     assert not set(ABLATION_POLICIES) & set(DEFAULT_POLICIES.split(","))
-    assert (*POLICY_NAMES, *ABLATION_POLICIES) == SIM_POLICY_NAMES
+    assert (*POLICY_NAMES, "eldr-refit", *ABLATION_POLICIES) == SIM_POLICIES
     assert check_policies(["rr", "eldr-raw", " eldr-plain", "eldr-raw"]) == ("rr", "eldr-raw", "eldr-plain")
     with pytest.raises(ConfigError, match="eldr-all-layers"):
         check_policies(["eldr-idf"])

@@ -73,6 +73,21 @@ def test_simulate_cli_json(small_trace: Trace, tmp_path: Path, capsys: pytest.Ca
     assert out["gain"]["eldr"]["best_load_balancer"] == "rr"
 
 
+def test_simulate_cli_replays_online_refit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.unit.sim.conftest import synthetic_trace
+
+    path = tmp_path / "drift.npz"
+    _drifted(synthetic_trace(1300, output_tokens=32)).save(path)
+    argv = ["simulate", "--trace", str(path), "--workers", "4", "--rate", "200", "--json"]
+    assert main([*argv, "--policies", "eldr,eldr-refit", "--refit-every", "50", "--refit-window", "200"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["settings"]["refit_every"] == 50 and out["settings"]["refit_window"] == 200
+    rows = out["policies"]
+    assert rows["eldr-refit"]["distinct_experts_per_step"] < rows["eldr"]["distinct_experts_per_step"]
+    assert main([*argv, "--policies", "eldr-refit", "--refit-window", "3"]) == 2
+    assert "refit window 3" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -90,3 +105,58 @@ def test_simulate_cli_bad_input(
     assert main(["simulate", "--trace", str(path), "--workers", "4", *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def _drifted(trace: Trace) -> Trace:
+    """Calibration requests from clusters d0, d1 only; measured requests from d2, d3: the mix drifted."""
+    assert trace.domain is not None
+    old = np.flatnonzero(np.isin(trace.domain, ["d0", "d1"]))
+    new = np.flatnonzero(np.isin(trace.domain, ["d2", "d3"]))
+    order = np.concatenate([old, new])
+    return Trace(
+        prefill_counts=trace.prefill_counts[order],
+        decode_counts=trace.decode_counts[order],
+        prompt_tokens=trace.prompt_tokens[order],
+        output_tokens=trace.output_tokens[order],
+        arrival_s=np.sort(trace.arrival_s),
+        top_k=trace.top_k,
+        layers=trace.layers,
+        num_model_layers=trace.num_model_layers,
+        domain=trace.domain[order],
+        calibration=np.arange(order.size) < old.size,
+    )
+
+
+def test_online_refit_follows_a_drifted_mix(small_trace: Trace) -> None:
+    """Centroids fitted on two clusters, traffic from two others: refitting on the recent signatures
+    splits the new clusters over the workers; the stale partition cannot."""
+    trace = _drifted(small_trace)
+    base = {"num_workers": 4, "workload": WorkloadConfig(rate=200.0, seed=0)}
+    cost = preset("mi300x-qwen3-30b")
+    m = run_experiment(
+        trace, Experiment(policies=("eldr", "eldr-refit"), refit_every=50, refit_window=200, **base), cost
+    )
+    refit = m.runs["eldr-refit"]
+    assert refit.policy == "eldr-refit"
+    stale = m.metrics["eldr"].distinct_experts_per_step
+    assert m.metrics["eldr-refit"].distinct_experts_per_step < 0.95 * stale
+    # after the first refits every worker serves one of the new clusters only
+    assert trace.calibration is not None and trace.domain is not None
+    labels = trace.domain[~trace.calibration][refit.worker.size // 2 :]
+    workers = refit.worker[refit.worker.size // 2 :]
+    for w in range(4):
+        mine = labels[workers == w]
+        assert mine.size and max(np.mean(mine == "d2"), np.mean(mine == "d3")) == 1.0, w
+    # never due within the run: eldr-refit routes exactly as eldr
+    never = run_experiment(
+        trace, Experiment(policies=("eldr", "eldr-refit"), refit_every=10**6, **base), cost
+    )
+    np.testing.assert_array_equal(never.runs["eldr"].worker, never.runs["eldr-refit"].worker)
+
+
+def test_refit_settings_of_an_experiment_are_checked() -> None:
+    with pytest.raises(ConfigError, match="refit_every"):
+        Experiment(policies=("eldr-refit",), refit_every=0)
+    with pytest.raises(ConfigError, match="refit window 3"):
+        Experiment(policies=("eldr-refit",), num_workers=4, refit_window=3)
+    Experiment(policies=("eldr",), num_workers=4, refit_window=3)  # not running eldr-refit: unused
