@@ -20,12 +20,13 @@ import numpy as np
 import numpy.typing as npt
 
 from eldr import __version__
+from eldr.calibration_data import check_calibration
 from eldr.errors import InvalidInputError
 from eldr.kmeans import spherical_kmeans
 from eldr.layermask import select_layers
 from eldr.limits import FIT_BYTES_PER_ASSIGNMENT
 from eldr.partition import Partition
-from eldr.signature import FloatArray, SignatureTransform, as_counts, fit_idf
+from eldr.signature import FloatArray, SignatureTransform, fit_idf
 
 Weighting = Literal["idf", "raw"]
 LayerSelection = Literal["greedy", "all"]
@@ -104,18 +105,6 @@ def check_fit_size(num_requests: int, num_workers: int, budget_bytes: int) -> No
             f"{need / 2**30:.3g} GiB for the balanced assignment, above the limit of "
             f"{budget_bytes / 2**30:.3g} GiB (ELDR_MAX_BYTES): use fewer calibration requests"
         )
-
-
-def check_calibration(
-    prefill_counts: npt.ArrayLike, decode_counts: npt.ArrayLike | None = None
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64] | None]:
-    prefill = as_counts(prefill_counts, name="prefill_counts", ndim=3)
-    if decode_counts is None:
-        return prefill, None
-    decode = as_counts(decode_counts, name="decode_counts", ndim=3)
-    if decode.shape != prefill.shape:
-        raise InvalidInputError(f"decode_counts has shape {decode.shape}, prefill_counts has {prefill.shape}")
-    return prefill, decode
 
 
 def fit_partition(

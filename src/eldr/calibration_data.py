@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from eldr.calibrate import check_calibration
 from eldr.errors import InputFileError, InvalidInputError
 from eldr.limits import MAX_REQUESTS
 from eldr.npzfile import ArraySpec, read_npz, scalar_int
+from eldr.signature import as_counts
 
 # what `load_calibration` reads (a trace's other arrays are never decompressed)
 ARRAYS = (
@@ -34,6 +34,19 @@ ARRAYS = (
     ArraySpec("top_k", 0, "iuf", is_required=False),
     ArraySpec("calibration", 1, "b", is_required=False),
 )
+
+
+def check_calibration(
+    prefill_counts: npt.ArrayLike, decode_counts: npt.ArrayLike | None = None
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64] | None]:
+    """Calibration counts as int64 `[N, L, E]` (decode counts, when given, of the same shape)."""
+    prefill = as_counts(prefill_counts, name="prefill_counts", ndim=3)
+    if decode_counts is None:
+        return prefill, None
+    decode = as_counts(decode_counts, name="decode_counts", ndim=3)
+    if decode.shape != prefill.shape:
+        raise InvalidInputError(f"decode_counts has shape {decode.shape}, prefill_counts has {prefill.shape}")
+    return prefill, decode
 
 
 @dataclass(frozen=True)

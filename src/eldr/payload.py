@@ -26,7 +26,8 @@ import numpy.typing as npt
 from eldr.errors import InvalidInputError
 from eldr.signature import check_conservation
 
-PAYLOAD_KEY = "eldr"
+PAYLOAD_KEY = "eldr"  # kv_transfer_params key of the prompt's counts
+DECODE_PAYLOAD_KEY = "eldr_decode"  # ... and of the generated tokens' (decode recording, `eldr capture`)
 PAYLOAD_VERSION = 1
 _DTYPES: dict[str, np.dtype[np.unsignedinteger]] = {
     "<u1": np.dtype("<u1"),

@@ -60,19 +60,26 @@ def counts_from_topk(topk_ids: npt.ArrayLike, num_experts: int) -> CountArray:
     return np.bincount(flat, minlength=num_layers * num_experts).reshape(num_layers, num_experts)
 
 
+def conserved(
+    counts: npt.NDArray[np.integer], num_tokens: npt.ArrayLike, top_k: int
+) -> npt.NDArray[np.bool_]:
+    """Per request `[N]` of `counts [N, L, E]`: does every layer sum to `num_tokens[n] * top_k`?"""
+    sums = counts.sum(axis=2, dtype=np.int64)
+    return np.all(sums == np.asarray(num_tokens, dtype=np.int64)[:, None] * top_k, axis=1)
+
+
 def check_conservation(counts: CountArray, num_tokens: int, top_k: int) -> None:
-    """Each layer of a request's counts must sum to `num_tokens * top_k`."""
-    sums = counts.reshape(counts.shape[0], -1).sum(axis=1) if counts.ndim == 2 else None
-    if sums is None:
+    """Each layer of a request's counts `[L, E]` must sum to `num_tokens * top_k`."""
+    if counts.ndim != 2:
         raise InvalidInputError(f"counts must have shape [layers, experts], got {counts.shape}")
-    is_bad = sums != num_tokens * top_k
-    if is_bad.any():
-        bad = np.flatnonzero(is_bad)
-        layer = int(bad[0])
-        raise InvalidInputError(
-            f"layer {layer} counts sum to {int(sums[layer])}, expected "
-            f"{num_tokens} tokens x top-{top_k} = {num_tokens * top_k}"
-        )
+    if conserved(counts[None], [num_tokens], top_k)[0]:
+        return
+    sums = counts.sum(axis=1, dtype=np.int64)
+    layer = int(np.flatnonzero(sums != num_tokens * top_k)[0])
+    raise InvalidInputError(
+        f"layer {layer} counts sum to {int(sums[layer])}, expected "
+        f"{num_tokens} tokens x top-{top_k} = {num_tokens * top_k}"
+    )
 
 
 def fit_idf(prefill_counts: npt.NDArray[np.integer]) -> FloatArray:

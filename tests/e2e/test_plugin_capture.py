@@ -17,11 +17,10 @@ import pytest
 
 from eldr.calibration_data import load_calibration
 from eldr.cli import main
-from eldr.payload import PAYLOAD_KEY, decode_counts
+from eldr.payload import DECODE_PAYLOAD_KEY, PAYLOAD_KEY, decode_counts
 from eldr.testing.engines import Engine, EngineSpec, kv_config, post_json, start_engine
 from eldr.testing.reference import explained_by_ties
 from eldr.testing.tiny_model import sample_text
-from eldr.vllm.ledger import DECODE_PAYLOAD_KEY
 
 pytestmark = pytest.mark.e2e
 TOP_K = 4

@@ -134,6 +134,8 @@ class FakeEngine:
                 return Response(status_code=499)
             if failure == "500":
                 return JSONResponse({"error": {"message": "injected", "code": 500}}, 500)
+            if failure == "400":
+                return JSONResponse({"error": {"message": "injected refusal", "code": 400}}, 400)
             if body.get("model") not in (None, self.model):
                 return JSONResponse({"error": {"message": "unknown model", "code": 404}}, 404)
             if self.role == "prefill":

@@ -68,6 +68,8 @@ def test_a_stream_idle_timeout_ends_with_one_error_event() -> None:
         events, is_done = sse_texts(r.text)
         assert is_done and len(events) == 2  # the first token, then the error
         assert events[-1]["error"]["type"] == "upstream_error" and events[-1]["error"]["code"] == 502
+        # an UpstreamTimeout is named as the TimeoutError it refines: the event's text is unchanged
+        assert events[-1]["error"]["message"] == "decode instance failed mid-stream (TimeoutError)"
         assert c.metric("eldr_stream_errors_total", reason="timeout") == 1
         wait_for(lambda: c.in_flight() == [0, 0, 0] and num_in_use(c) == 0)
     finally:

@@ -167,6 +167,8 @@ def test_mid_stream_failure_ends_with_error_event_and_done(cluster: Cluster) -> 
     events, is_done = sse_texts(r.text)
     assert is_done
     assert events[-1]["error"]["type"] == "upstream_error"
+    # an UpstreamConnectionError is named as the UpstreamError it refines: the text is unchanged
+    assert events[-1]["error"]["message"] == "decode instance failed mid-stream (UpstreamError)"
     assert 0 < len(events) - 1 < 6  # some tokens came before the failure
     assert cluster.metric("eldr_stream_errors_total", reason="upstream") == 1
     assert cluster.in_flight() == [0, 0, 0, 0]
@@ -211,6 +213,38 @@ def test_all_instances_failing_gives_a_clear_503() -> None:
         assert r.status_code == 503 and r.headers["retry-after"] == "1"
         assert "prefill" in r.json()["error"]["message"]
         assert c.in_flight() == [0, 0, 0, 0]
+    finally:
+        c.close()
+
+
+def test_a_prefill_refusal_is_relayed_and_not_retried() -> None:
+    """A prefill 4xx (`UpstreamRefused`) goes back to the client as the engine sent it, with no
+    retry, though it is an `UpstreamError` like the failures that fail over."""
+    c = Cluster(max_attempts=2)
+    try:
+        for engine in c.prefill:
+            engine.fail_next = ["400"]
+        r = httpx.post(c.url + "/v1/completions", json=body())
+        assert r.status_code == 400 and r.json()["error"]["message"] == "injected refusal"
+        assert sum(len(e.received) for e in c.prefill) == 1 and not any(e.received for e in c.decode)
+        assert c.metric("eldr_retries_total", role="prefill") == 0
+        url = next(u for u, e in zip(c.config.prefill, c.prefill, strict=True) if e.received)
+        assert c.metric("eldr_leg_requests_total", role="prefill", worker=url, outcome="refused") == 1
+        assert c.in_flight() == [0, 0, 0, 0]
+    finally:
+        c.close()
+
+
+def test_a_prefill_5xx_is_named_by_its_status() -> None:
+    """The 503 after failed legs names each failure as it happened (`HTTP 500`), not as a
+    connection failure: a `LegFailed` raised in a leg is final, never wrapped again."""
+    c = Cluster(max_attempts=2)
+    try:
+        for engine in c.prefill:
+            engine.fail_next = ["500"]
+        r = httpx.post(c.url + "/v1/completions", json=body())
+        assert r.status_code == 503
+        assert "(prefill: HTTP 500; prefill: HTTP 500)" in r.json()["error"]["message"]
     finally:
         c.close()
 

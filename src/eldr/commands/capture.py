@@ -3,7 +3,7 @@
 Each prompt is sent once to `/v1/completions` (greedy, `ignore_eos`). The prefill counts come from
 the answer's `kv_transfer_params["eldr"]`; with `--decode-tokens N > 0` the request generates N tokens
 and the engine must run the plugin in decode-recording mode (`"eldr_record_decode": true`), which adds
-the generated tokens' counts as `kv_transfer_params["eldr_decode"]`. Only the standard library is used.
+the generated tokens' counts as `kv_transfer_params["eldr_decode"]`. HTTP through the standard library.
 """
 
 from __future__ import annotations
@@ -25,9 +25,7 @@ from eldr.commands.arguments import engine_url, float_in, int_in, nonempty_text
 from eldr.errors import ConfigError, InputFileError, InvalidInputError
 from eldr.inputfile import read_text
 from eldr.limits import MAX_CONCURRENCY, MAX_ENGINE_ANSWER_BYTES, MAX_PROMPTS_BYTES, MAX_TIMEOUT_S, MAX_TOKENS
-from eldr.payload import PAYLOAD_KEY, decode_counts
-
-DECODE_KEY = "eldr_decode"
+from eldr.payload import DECODE_PAYLOAD_KEY, PAYLOAD_KEY, decode_counts
 
 
 def register(sub: Any) -> None:
@@ -156,15 +154,17 @@ def capture_one(
         raise InvalidInputError(f"engine {engine} returned a malformed '{PAYLOAD_KEY}': {exc}") from exc
     decode = None
     if decode_tokens > 0:
-        if DECODE_KEY not in params:
+        if DECODE_PAYLOAD_KEY not in params:
             raise ConfigError(
-                f"engine {engine} returned no '{DECODE_KEY}': start it with "
+                f"engine {engine} returned no '{DECODE_PAYLOAD_KEY}': start it with "
                 '"eldr_record_decode": true in kv_connector_extra_config (and --no-async-scheduling)'
             )
         try:
-            decode = decode_counts(params[DECODE_KEY])
+            decode = decode_counts(params[DECODE_PAYLOAD_KEY])
         except InvalidInputError as exc:
-            raise InvalidInputError(f"engine {engine} returned a malformed '{DECODE_KEY}': {exc}") from exc
+            raise InvalidInputError(
+                f"engine {engine} returned a malformed '{DECODE_PAYLOAD_KEY}': {exc}"
+            ) from exc
         if decode.shape != prefill.shape:
             raise InvalidInputError(
                 f"engine {engine} returned decode counts {decode.shape} for prefill counts {prefill.shape}"

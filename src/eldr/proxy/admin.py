@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from eldr.engineurl import url_identity
-from eldr.errors import ConfigError, PoolChangeError, UnknownWorkerError
+from eldr.errors import ConfigError, PoolChangeError, ProxyError, UnknownWorkerError
 from eldr.proxy.config import (
     AllowedHost,
     ServeConfig,
@@ -34,7 +34,7 @@ from eldr.proxy.config import (
     is_allowed_host,
     parse_allowed_host,
 )
-from eldr.proxy.openai_errors import ProxyError, error_response
+from eldr.proxy.openai_errors import error_response
 from eldr.proxy.state import state_of
 from eldr.proxy.workers import Worker
 

@@ -4,7 +4,7 @@ most `max_body_bytes_in_flight` bytes of request bodies held by the requests bei
 A request over the queue limit is refused at once (429); one that waited `queue_timeout_s` for a
 slot is refused then (503); a body that would take the bytes in flight over their budget is refused
 at once (429: its declared `Content-Length` before a byte of it is read, a chunked one as it
-arrives). All three answers carry `Retry-After`.
+arrives). All three answers carry `Retry-After`; the refusals are `eldr.errors.Rejected`.
 """
 
 from __future__ import annotations
@@ -12,14 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
-
-class Rejected(Exception):
-    """Admission refused; `status` is 429 (queue full) or 503 (waited too long)."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
+from eldr.errors import Rejected
 
 
 class Admission:

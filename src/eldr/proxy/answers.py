@@ -33,14 +33,10 @@ from typing import Any
 
 import orjson
 
+from eldr.errors import ParserFailed
 from eldr.proxy.signatures import Extracted, extract_signature
-from eldr.proxy.upstream import UpstreamError
 
 log = logging.getLogger("eldr.proxy")
-
-
-class ParserFailed(UpstreamError):
-    """The worker process died, or was stopped, before it answered."""
 
 
 _REQUEST = struct.Struct("<qQ")
@@ -77,7 +73,7 @@ class AnswerParser:
     async def parse(
         self, content: bytes, num_experts: int | None, deadline: float | None = None
     ) -> ParsedAnswer:
-        """`orjson.JSONDecodeError` for an answer that is not JSON, `UpstreamError` when the worker
+        """`orjson.JSONDecodeError` for an answer that is not JSON, `ParserFailed` when the worker
         failed, `TimeoutError` past `deadline` (event-loop time)."""
         if len(content) <= self.offload_bytes:
             answer = orjson.loads(content)

@@ -30,14 +30,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
-from eldr.errors import EldrError
+from eldr.errors import EldrError, ProxyError, Rejected, UpstreamRefused
 from eldr.partition import Partition
 from eldr.proxy.admin import admin_routes
-from eldr.proxy.admission import Rejected, Reservation
+from eldr.proxy.admission import Reservation
 from eldr.proxy.config import ServeConfig
 from eldr.proxy.disconnect import DisconnectWatch
-from eldr.proxy.forwarding import ClientRequest, UpstreamRefused, new_request_id
-from eldr.proxy.openai_errors import ProxyError, error_reply, error_response
+from eldr.proxy.forwarding import ClientRequest, new_request_id
+from eldr.proxy.openai_errors import error_reply, error_response
 from eldr.proxy.relay import Reply, StreamReply
 from eldr.proxy.server import HttpServer, ServerLimits
 from eldr.proxy.state import ProxyState, state_of

@@ -42,16 +42,22 @@ from typing import Any
 
 import orjson
 
-from eldr.errors import NoHealthyWorkerError
+from eldr.errors import (
+    AnswerTooLarge,
+    LegFailed,
+    NoHealthyWorkerError,
+    ParserFailed,
+    ProxyError,
+    UpstreamRefused,
+)
 from eldr.policy import RequestView
-from eldr.proxy.answers import AnswerParser, ParsedAnswer, ParserFailed
+from eldr.proxy.answers import AnswerParser, ParsedAnswer
 from eldr.proxy.config import ServeConfig
 from eldr.proxy.metrics import Metrics
-from eldr.proxy.openai_errors import ProxyError
 from eldr.proxy.relay import UPSTREAM_ERRORS, Reply, StreamReply
 from eldr.proxy.routing import DecodeRouter, PrefillChooser
 from eldr.proxy.signatures import strip_payload
-from eldr.proxy.upstream import AnswerTooLarge, UpstreamClient, UpstreamResponse
+from eldr.proxy.upstream import UpstreamClient, UpstreamResponse
 from eldr.proxy.workers import Pool, Worker
 
 log = logging.getLogger("eldr.proxy")
@@ -64,24 +70,6 @@ REMOTE_DECODE = {
     "remote_host": None,
     "remote_port": None,
 }
-
-
-class LegFailed(Exception):
-    """An upstream leg failed in a way another instance may not (connection, timeout, 5xx): `public`
-    says how without naming the engine (for the client), `detail` with it (for the log)."""
-
-    def __init__(self, public: str, detail: str | None = None) -> None:
-        super().__init__(public)
-        self.public = public
-        self.detail = detail or public
-
-
-class UpstreamRefused(Exception):
-    """The engine answered 4xx: the request itself is at fault; relay the answer, do not retry."""
-
-    def __init__(self, reply: Reply) -> None:
-        super().__init__(reply.status)
-        self.reply = reply
 
 
 @dataclass(frozen=True)
@@ -245,6 +233,8 @@ class Forwarder:
             answer = await self.answers.parse(content, self.router.num_experts, deadline)
             outcome = "ok"
             return answer
+        except (LegFailed, UpstreamRefused):  # raised just above and final: not wrapped as below
+            raise
         except TimeoutError as exc:
             outcome = "timeout"
             raise LegFailed("timed out") from exc
@@ -390,4 +380,4 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
-__all__ = ["ClientRequest", "Forwarder", "LegFailed", "UpstreamRefused", "new_request_id"]
+__all__ = ["ClientRequest", "Forwarder", "new_request_id"]

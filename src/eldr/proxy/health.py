@@ -11,8 +11,9 @@ import json
 import logging
 import re
 
+from eldr.errors import UpstreamError
 from eldr.proxy.metrics import Metrics
-from eldr.proxy.upstream import UpstreamClient, UpstreamError
+from eldr.proxy.upstream import UpstreamClient
 from eldr.proxy.workers import Worker
 
 log = logging.getLogger("eldr.proxy")

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 import orjson
 from starlette.types import Send
 
+from eldr.errors import AnswerTooLarge, UpstreamConnectionError, UpstreamError, UpstreamProtocolError
 from eldr.proxy.disconnect import DisconnectWatch
 from eldr.proxy.metrics import Metrics
-from eldr.proxy.upstream import AnswerTooLarge, UpstreamError, UpstreamResponse
+from eldr.proxy.upstream import UpstreamResponse
 
 Headers = list[tuple[bytes, bytes]]
 UPSTREAM_ERRORS = (UpstreamError, OSError, TimeoutError)
@@ -59,11 +60,6 @@ class StreamReply:
     idle_timeout_s: float
     headers: Headers = field(default_factory=list)
     max_event_bytes: int | None = None  # an SSE event held back longer than this ends the stream
-
-    def discard(self) -> None:
-        """Drop it unsent (the request was cancelled before the relay started)."""
-        self.upstream.close()
-        self.release("cancelled")
 
     async def send(self, send: Send, watch: DisconnectWatch, metrics: Metrics) -> None:
         """Relay the stream to the client; never raises for the client's or the engine's failures.
@@ -139,9 +135,20 @@ class _EventCutter:
 def _error_event(exc: BaseException) -> bytes:
     event = {
         "error": {
-            "message": f"decode instance failed mid-stream ({type(exc).__name__})",
+            "message": f"decode instance failed mid-stream ({_failure_name(exc)})",
             "type": "upstream_error",
             "code": 502,
         }
     }
     return b"data: " + orjson.dumps(event) + b"\n\ndata: [DONE]\n\n"
+
+
+def _failure_name(exc: BaseException) -> str:
+    """The failure as the error event has always named it: the classes of `eldr.errors` that are
+    newer than the event keep the names of the ones they refine (`UpstreamTimeout` is `TimeoutError`,
+    a connection or protocol failure `UpstreamError`), so what clients match on does not change."""
+    if isinstance(exc, TimeoutError):
+        return "TimeoutError"
+    if isinstance(exc, UpstreamConnectionError | UpstreamProtocolError):
+        return "UpstreamError"
+    return type(exc).__name__

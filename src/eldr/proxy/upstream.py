@@ -9,8 +9,9 @@ parser uvicorn uses), chunked transfer encoding included.
 
 - `Endpoint.of("http://host:port")`: one engine and its idle connections (`https://` engines are
   verified against the system's CAs; `SSL_CERT_FILE` adds a private one);
-- `await client.request(endpoint, method, path, headers, body, timeout_s)` -> `UpstreamResponse`
-  once the status line and headers arrived; then `await response.read(timeout_s)` (the whole body) or
+- `await client.request(endpoint, method, path, headers, body, deadline)` -> `UpstreamResponse`
+  once the status line and headers arrived (`deadline`: event-loop time); then
+  `await response.read(deadline, max_bytes)` (the whole body) or
   `async for chunk in response.chunks(idle_timeout_s)`, and `response.close()` (idempotent).
 
 A connection is reused only after an answer was read to its end with keep-alive. Idle connections
@@ -21,8 +22,9 @@ half-read closes its connection. Reading pauses while more than `HIGH_WATER_BYTE
 for a slow consumer. An answer's status line and headers may take at most `max_head_bytes` (the parser
 never sees more: httptools joins a header that arrives in pieces by concatenation, so an unbounded
 head costs time quadratic in its size), and the framing of a chunked body with its trailers at most
-`max_head_bytes` plus 64 bytes per chunk. Errors are `UpstreamError` (connection refused or lost,
-malformed answer, an answer, or its head, over its size limit: `AnswerTooLarge`) and `TimeoutError`.
+`max_head_bytes` plus 64 bytes per chunk. Errors are `UpstreamError`s (`eldr.errors`): connection
+refused or lost `UpstreamConnectionError`, no answer in time `UpstreamTimeout` (a `TimeoutError`),
+malformed answer `UpstreamProtocolError`, an answer or its head over its size limit `AnswerTooLarge`.
 Endpoints are kept per engine identity (`engineurl.url_identity`): `localhost` and `127.0.0.1` share
 one pool of connections.
 """
@@ -40,20 +42,19 @@ from urllib.parse import urlsplit
 import httptools
 
 from eldr.engineurl import url_identity
+from eldr.errors import (
+    AnswerTooLarge,
+    UpstreamConnectionError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
 from eldr.proxy.config import check_url
 
 HIGH_WATER_BYTES = 256 * 1024  # pause reading from an engine above this much unconsumed answer
 LOW_WATER_BYTES = 64 * 1024
 DEFAULT_MAX_HEAD_BYTES = 64 * 1024  # an answer's status line + headers
 CHUNK_OVERHEAD_BYTES = 64  # per chunk of a chunked answer: its size line and CRLFs
-
-
-class UpstreamError(Exception):
-    """An upstream request failed: connection refused, reset or closed early, or a malformed answer."""
-
-
-class AnswerTooLarge(UpstreamError):
-    """An engine's answer (or one SSE event of it) is larger than the proxy's `max_answer_bytes`."""
 
 
 @dataclass(eq=False)
@@ -78,7 +79,7 @@ class Endpoint:
 
 def _timeout_waiter(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
-        waiter.set_exception(TimeoutError())
+        waiter.set_exception(UpstreamTimeout("no answer from the engine in time"))
 
 
 class UpstreamResponse:
@@ -159,7 +160,7 @@ class UpstreamResponse:
     async def next_chunk(self, idle_timeout_s: float | None = None) -> bytes:
         """The body bytes that arrived since the last call, waiting for some; b"" at the end.
 
-        `TimeoutError` if nothing came for `idle_timeout_s`."""
+        `UpstreamTimeout` if nothing came for `idle_timeout_s`."""
         while not self._parts:
             if self._error is not None:
                 raise self._error
@@ -175,7 +176,7 @@ class UpstreamResponse:
             yield chunk
 
     async def read(self, deadline: float | None = None, max_bytes: int | None = None) -> bytes:
-        """The whole body; `TimeoutError` if it is not in by `deadline` (event-loop time),
+        """The whole body; `UpstreamTimeout` if it is not in by `deadline` (event-loop time),
         `AnswerTooLarge` once more than `max_bytes` arrived. Closes the answer, whatever happens."""
         body: list[bytes] = []
         size = 0
@@ -266,7 +267,7 @@ class _Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._fail(UpstreamError(f"malformed answer: {exc}"))
+            self._fail(UpstreamProtocolError(f"malformed answer: {exc}"))
             self.close()
             return False
         return True
@@ -278,19 +279,21 @@ class _Connection(asyncio.Protocol):
             headers = response.headers
             if b"content-length" not in headers and b"transfer-encoding" not in headers:
                 response._finish()  # an answer delimited by the connection's end (RFC 9112 §6.3)
-        self._fail(UpstreamError("connection closed by the engine"))
+        self._fail(UpstreamConnectionError("connection closed by the engine"))
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.is_open = False
-        self._fail(UpstreamError(f"connection lost: {exc}" if exc else "connection closed by the engine"))
+        self._fail(
+            UpstreamConnectionError(f"connection lost: {exc}" if exc else "connection closed by the engine")
+        )
 
     # ---- httptools callbacks
 
     def on_message_begin(self) -> None:
         assert self.response is not None
         if self.response._is_done:  # a second answer to one request
-            raise UpstreamError("the engine sent more than one answer")
+            raise UpstreamProtocolError("the engine sent more than one answer")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         assert self.response is not None
@@ -445,7 +448,9 @@ class UpstreamClient:
                     **tls,
                 )
         except OSError as exc:  # ssl.SSLError (a certificate refused) is one too
-            raise UpstreamError(f"cannot connect to {endpoint.host}:{endpoint.port}: {exc}") from exc
+            raise UpstreamConnectionError(
+                f"cannot connect to {endpoint.host}:{endpoint.port}: {exc}"
+            ) from exc
         return conn, False
 
     async def request(
@@ -459,7 +464,7 @@ class UpstreamClient:
         *,
         is_replayable: bool = True,
     ) -> UpstreamResponse:
-        """Send a request; returns when the answer's headers are in, `TimeoutError` if they are not
+        """Send a request; returns when the answer's headers are in, `UpstreamTimeout` if they are not
         by `deadline` (event-loop time).
 
         A reused connection that the engine closes before sending a single byte back (it was closing
@@ -470,6 +475,8 @@ class UpstreamClient:
         conn, is_reused = await self._connection(endpoint, deadline)
         try:
             return await self._send(conn, head, body, deadline)
+        except UpstreamTimeout:  # no connection the engine closed: never sent again
+            raise
         except UpstreamError:
             if not (is_replayable and is_reused) or conn.num_received:
                 raise

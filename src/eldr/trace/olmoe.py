@@ -37,9 +37,9 @@ from eldr.errors import ConfigError, InputFileError, InvalidInputError
 from eldr.inputfile import read_text
 from eldr.limits import MAX_BYTES_ENV, MAX_VOCAB, max_bytes
 from eldr.npzfile import ArraySpec, read_npz
+from eldr.trace.azure import AZURE_KINDS, AzureTrace, allocate, load_azure, poisson_arrivals, replay_rows
 from eldr.trace.format import Trace
 from eldr.trace.sampling import systematic_topk
-from eldr.trace.workload import AZURE_KINDS, AzureTrace, allocate, load_azure, poisson_arrivals, replay_rows
 
 DOMAINS = ("arxiv", "book", "github", "wikipedia")
 ROUTED_TOKENS = 208_896  # tokens per domain text with routing data (102 chunks of 2048)

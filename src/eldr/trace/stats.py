@@ -20,6 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from eldr.errors import InvalidInputError
+from eldr.signature import conserved
 from eldr.trace.format import Trace
 from eldr.trace.sampling import topk_from_counts
 
@@ -28,10 +29,8 @@ FloatArray = npt.NDArray[np.float64]
 
 def conservation_violations(trace: Trace) -> int:
     """Requests whose counts do not sum to tokens x top_k in every layer (prefill or decode)."""
-    prefill_ok = np.all(
-        trace.prefill_counts.sum(axis=2) == trace.prompt_tokens[:, None] * trace.top_k, axis=1
-    )
-    decode_ok = np.all(trace.decode_counts.sum(axis=2) == trace.output_tokens[:, None] * trace.top_k, axis=1)
+    prefill_ok = conserved(trace.prefill_counts, trace.prompt_tokens, trace.top_k)
+    decode_ok = conserved(trace.decode_counts, trace.output_tokens, trace.top_k)
     return int(np.sum(~(prefill_ok & decode_ok)))
 
 

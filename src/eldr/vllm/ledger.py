@@ -23,10 +23,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from eldr.payload import PAYLOAD_KEY, encode_counts
+from eldr.payload import DECODE_PAYLOAD_KEY, PAYLOAD_KEY, encode_counts
 from eldr.vllm.blockcache import BlockDelta, BlockSignatureCache
 
-DECODE_PAYLOAD_KEY = "eldr_decode"
 logger = logging.getLogger(__name__)
 
 

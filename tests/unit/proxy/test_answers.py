@@ -13,7 +13,8 @@ import numpy as np
 import orjson
 import pytest
 
-from eldr.proxy.answers import AnswerParser, ParserFailed
+from eldr.errors import ParserFailed
+from eldr.proxy.answers import AnswerParser
 from eldr.proxy.signatures import extract_signature
 
 

@@ -10,9 +10,10 @@ import orjson
 import pytest
 from test_upstream import ScriptedServer, deadline, run
 
+from eldr.errors import AnswerTooLarge
 from eldr.proxy.metrics import Metrics
 from eldr.proxy.relay import StreamReply, _EventCutter
-from eldr.proxy.upstream import HIGH_WATER_BYTES, AnswerTooLarge, UpstreamClient
+from eldr.proxy.upstream import HIGH_WATER_BYTES, UpstreamClient
 
 
 class _Watch:

@@ -5,12 +5,20 @@ from __future__ import annotations
 
 import pytest
 
-from eldr.errors import ConfigError
+from eldr.errors import (
+    AnswerTooLarge,
+    ConfigError,
+    ParserFailed,
+    Rejected,
+    UpstreamConnectionError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
 from eldr.proxy.admin import allowed_hosts, identity_host
-from eldr.proxy.admission import BodyBudget, Rejected
+from eldr.proxy.admission import BodyBudget
 from eldr.proxy.config import ServeConfig, is_allowed_host
 from eldr.proxy.forwarding import _public
-from eldr.proxy.upstream import AnswerTooLarge, UpstreamError
 
 P, D = ("http://127.0.0.1:1",), ("http://10.0.0.2:2",)
 
@@ -97,6 +105,11 @@ def test_the_body_budget_refuses_what_does_not_fit_and_gives_back_once() -> None
         (ConnectionRefusedError(111, "Connection refused"), "engine connection failed"),
         (AnswerTooLarge("answer over 65536 bytes"), "answer too large"),
         (TimeoutError(), "timed out"),
+        # the finer classes of eldr.errors keep the texts of the classes they refine
+        (UpstreamConnectionError("cannot connect to 10.0.0.2:8200: refused"), "engine connection failed"),
+        (UpstreamTimeout("no answer from the engine in time"), "timed out"),
+        (UpstreamProtocolError("malformed answer: bad status line"), "engine connection failed"),
+        (ParserFailed("the answer parser process failed"), "answer could not be parsed"),
     ],
 )
 def test_a_failed_leg_is_described_without_addresses(exc: BaseException, text: str) -> None:

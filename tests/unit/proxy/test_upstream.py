@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import uvloop
 
-from eldr.errors import ConfigError
-from eldr.proxy.upstream import HIGH_WATER_BYTES, AnswerTooLarge, Endpoint, UpstreamClient, UpstreamError
+from eldr.errors import AnswerTooLarge, ConfigError, UpstreamError, UpstreamTimeout
+from eldr.proxy.upstream import HIGH_WATER_BYTES, Endpoint, UpstreamClient
 
 # one scripted answer: (reader, writer, request head, request body) -> None
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, bytes, bytes], Awaitable[None]]
@@ -611,6 +611,23 @@ def test_a_request_that_must_not_run_twice_is_not_replayed() -> None:
         assert await (await client.request(ep, "POST", "/x", {}, b"a")).read() == b"1"
         assert await (await client.request(ep, "POST", "/x", {}, b"prefill", deadline(5))).read() == b"again"
         assert [b for _, b in srv.requests] == [b"a", b"prefill", b"prefill"] and srv.num_connections == 2
+        await srv.stop()
+
+    run(test)
+
+
+def test_a_timeout_on_a_reused_connection_is_not_sent_again() -> None:
+    """An `UpstreamTimeout` is an `UpstreamError`, but no sign of a connection the engine closed: a
+    replayable request whose answer did not come in time on a reused connection fails as the
+    timeout it is, and is not sent again on a new connection."""
+
+    async def test(client: UpstreamClient) -> None:
+        srv = await ScriptedServer([respond(answer(b"1")), hang(), respond(answer(b"again"))]).start()
+        ep = client.endpoint(srv.url)
+        assert await (await client.request(ep, "POST", "/x", {}, b"a")).read() == b"1"
+        with pytest.raises(UpstreamTimeout):
+            await client.request(ep, "POST", "/x", {}, b"prefill", deadline(0.2))
+        assert [b for _, b in srv.requests] == [b"a", b"prefill"] and srv.num_connections == 1
         await srv.stop()
 
     run(test)

@@ -11,6 +11,7 @@ from olmoe_fake import MISSING_ID, FakeData
 
 from eldr.errors import ConfigError, InputFileError, InvalidInputError
 from eldr.signature import counts_from_topk
+from eldr.trace.azure import allocate, load_azure, replay_rows
 from eldr.trace.olmoe import (
     DOMAINS,
     NUM_EXPERTS,
@@ -22,7 +23,6 @@ from eldr.trace.olmoe import (
     prefix_counts,
     route_domain,
 )
-from eldr.trace.workload import allocate, load_azure, replay_rows
 
 
 def _build(fake: FakeData, **overrides: Any) -> Any:

@@ -16,9 +16,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eldr.payload import PAYLOAD_KEY, decode_counts
+from eldr.payload import DECODE_PAYLOAD_KEY, PAYLOAD_KEY, decode_counts
 from eldr.signature import counts_from_topk
-from eldr.vllm.ledger import DECODE_PAYLOAD_KEY, SignatureLedger
+from eldr.vllm.ledger import SignatureLedger
 
 torch = pytest.importorskip("torch")
 from eldr.vllm.capture import RouterTap, TapSet, record_topk  # noqa: E402
