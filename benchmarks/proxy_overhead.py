@@ -194,10 +194,10 @@ def run_load(
 
 def decision_cost(num_decisions: int) -> dict[str, float]:
     from eldr.payload import encode_counts
+    from eldr.proxy.answer_signature import extract_signature
     from eldr.proxy.answers import ParsedAnswer
     from eldr.proxy.config import ServeConfig
     from eldr.proxy.forwarding import ClientRequest
-    from eldr.proxy.signatures import extract_signature
     from eldr.proxy.state import ProxyState
 
     with tempfile.TemporaryDirectory() as tmp:

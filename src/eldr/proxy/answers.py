@@ -34,7 +34,7 @@ from typing import Any
 import orjson
 
 from eldr.errors import ParserFailed
-from eldr.proxy.signatures import Extracted, extract_signature
+from eldr.proxy.answer_signature import Extracted, extract_signature
 
 log = logging.getLogger("eldr.proxy")
 

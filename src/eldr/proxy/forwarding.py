@@ -51,12 +51,12 @@ from eldr.errors import (
     UpstreamRefused,
 )
 from eldr.policy import RequestView
+from eldr.proxy.answer_signature import strip_payload
 from eldr.proxy.answers import AnswerParser, ParsedAnswer
 from eldr.proxy.config import ServeConfig
 from eldr.proxy.metrics import Metrics
 from eldr.proxy.relay import UPSTREAM_ERRORS, Reply, StreamReply
 from eldr.proxy.routing import DecodeRouter, PrefillChooser
-from eldr.proxy.signatures import strip_payload
 from eldr.proxy.upstream import UpstreamClient, UpstreamResponse
 from eldr.proxy.workers import Pool, Worker
 

@@ -1,4 +1,4 @@
-"""Prefill answers (`eldr.proxy.answers`, `eldr.proxy.signatures`): large ones in the worker process,
+"""Prefill answers (`eldr.proxy.answers`, `eldr.proxy.answer_signature`): large ones in the worker process,
 with the same result as inline; hostile `.npy` headers; a worker that dies or is cut off."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import orjson
 import pytest
 
 from eldr.errors import ParserFailed
+from eldr.proxy.answer_signature import extract_signature
 from eldr.proxy.answers import AnswerParser
-from eldr.proxy.signatures import extract_signature
 
 
 def _ids(tokens: int = 6, layers: int = 4, k: int = 2, experts: int = 8) -> np.ndarray:

@@ -16,11 +16,11 @@ import pytest
 
 from eldr.errors import LegFailed, ProxyError, UpstreamRefused
 from eldr.partition import Partition
+from eldr.proxy.answer_signature import Extracted
 from eldr.proxy.answers import ParsedAnswer
 from eldr.proxy.config import ServeConfig
 from eldr.proxy.forwarding import ClientRequest
 from eldr.proxy.relay import Reply
-from eldr.proxy.signatures import Extracted
 from eldr.proxy.state import ProxyState
 from eldr.proxy.workers import Worker
 

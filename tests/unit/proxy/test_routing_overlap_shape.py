@@ -6,8 +6,8 @@ import numpy as np
 
 from eldr.partition import Partition
 from eldr.policy import RequestView
+from eldr.proxy.answer_signature import extract_signature
 from eldr.proxy.routing import DecodeRouter
-from eldr.proxy.signatures import extract_signature
 from eldr.proxy.workers import Pool
 from eldr.signature import SignatureTransform
 
