@@ -35,10 +35,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eldr.vllm.capture import RouterTap, TapSet
 from eldr.vllm.connector import EldrWorkerMeta
 from eldr.vllm.fold import fold_on_device
 from eldr.vllm.ledger import SignatureLedger
+from eldr.vllm.router_tap import RouterTap, TapSet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import commit, machine

@@ -8,12 +8,13 @@ between runs, so here every engine is up at once and requests alternate between 
   default compiled mode, or `--mode eager`; prefix caching off, so every request is a cold prefill):
   `stock-a`, `stock-b`: stock vLLM without a KV connector (what a user runs without the plugin);
   `plugin-a`, `plugin-b`: the same with the plugin (`EldrConnector`, nothing wrapped: what a user
-  runs with it); `plugin-timed`: the same with the in-engine clocks (`ELDR_PLUGIN_TIMING=1`,
-  eldr.vllm.timing), which give the plugin's own time per request. Two instances of each, because
-  two engines started alike differ by up to ~1% for the whole run (their A/A ratios show it), which
-  a CI over rounds does not see. Optional: `null`, stock vLLM with a KV connector that does nothing
-  (benchmarks/null_connector.py: what vLLM's connector paths cost by themselves); `plugin-before`
-  and `plugin-before-timed`, the plugin of another source tree (`--before-src DIR/src`);
+  runs with it); `plugin-timed`: the same with in-engine clocks (`TimedEldrConnector`, a subclass
+  of it in benchmarks/plugin_timing.py), which give the plugin's own time per request. Two instances
+  of each, because two engines started alike differ by up to ~1% for the whole run (their A/A ratios
+  show it), which a CI over rounds does not see. Optional: `null`, stock vLLM with a KV connector
+  that does nothing (benchmarks/null_connector.py: what vLLM's connector paths cost by themselves);
+  `plugin-before` and `plugin-before-timed`, the plugin of another source tree (`--before-src
+  DIR/src`; a tree from before plugin_timing.py is timed by its own `ELDR_PLUGIN_TIMING=1` clocks);
 - rounds: each round sends one request (`max_tokens: 1`) of each length to every engine, one at a
   time, in a fresh random order, with the same fresh random prompt for all engines. Per round and
   length, ratios of latencies; per length, the median over rounds and its bootstrap 95% CI.
@@ -37,6 +38,7 @@ between runs, so here every engine is up at once and requests alternate between 
 from __future__ import annotations
 
 import argparse
+import gzip
 import itertools
 import json
 import os
@@ -54,8 +56,6 @@ from eldr.payload import encode_counts
 from eldr.testing.engines import Engine, EngineSpec, kv_config, post_json, start_engine
 from eldr.testing.tiny_model import TinyMoeSpec, write_tiny_moe
 from eldr.vllm.blockcache import BlockSignatureCache
-from eldr.vllm.timing import ENV as TIMING_ENV
-from eldr.vllm.timing import TIMING_KEY
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import commit, machine
@@ -71,6 +71,8 @@ PREFILL_METRIC = "vllm:request_prefill_time_seconds_sum"
 WALL_KEYS = ("worker_ns", "callback_ns", "scheduler_ns")
 CPU_KEYS = ("worker_cpu_ns", "callback_ns", "scheduler_cpu_ns")  # callbacks: wall (eager only, µs-short)
 RESERVED_ENV = "VLLM_CPU_NUM_OF_RESERVED_CPU"
+TIMING_KEY = "eldr_timing"  # plugin_timing.TIMING_KEY (not imported here: that module imports vLLM)
+TIMED_CONNECTOR = {"kv_connector": "TimedEldrConnector", "kv_connector_module_path": "plugin_timing"}
 # (name, numerator, denominator): per-round ratios reported; "stock" is the round's two stock requests
 RATIOS = (
     ("plugin / stock", "plugin", "stock"),
@@ -90,22 +92,29 @@ def _spec(name: str, model_dir: Path, work: Path, options: argparse.Namespace) -
     if options.mode == "eager":
         args += ["--compilation-config", '{"mode": 0}']
     env = {RESERVED_ENV: "1", "VLLM_CACHE_ROOT": str(work / f"cache-{name}")}
-    if name.endswith("-timed"):
-        env[TIMING_ENV] = "1"
     kv: dict[str, Any] | None = None
+    paths: list[str] = []  # first on the engine's PYTHONPATH, in this order
     if name.startswith("plugin"):
         kv = kv_config(is_plugin=True, wrapped=None)
     if name.startswith("plugin-before"):
-        env["PYTHONPATH"] = _python_path(options.before_src)
+        paths.append(options.before_src)
+    if name.endswith("-timed"):
+        if name == "plugin-before-timed" and (Path(options.before_src) / "eldr/vllm/timing.py").is_file():
+            env["ELDR_PLUGIN_TIMING"] = "1"  # a tree from before plugin_timing.py: its built-in clocks
+        else:
+            kv = kv_config(is_plugin=True, wrapped=None) | TIMED_CONNECTOR
+            paths.append(str(HERE))
     elif name == "null":
         kv = {"kv_connector": "NullConnector", "kv_connector_module_path": "null_connector"}
         kv["kv_role"] = "kv_both"
-        env["PYTHONPATH"] = _python_path(str(HERE))
+        paths.append(str(HERE))
+    if paths:
+        env["PYTHONPATH"] = _python_path(*paths)
     return EngineSpec(name, model_dir, kv, extra_args=tuple(args), env=env)
 
 
-def _python_path(first: str) -> str:
-    return os.pathsep.join(p for p in (first, os.environ.get("PYTHONPATH")) if p)
+def _python_path(*first: str) -> str:
+    return os.pathsep.join(p for p in (*first, os.environ.get("PYTHONPATH")) if p)
 
 
 def _binding(engine: Engine) -> str:
@@ -216,7 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     raw = {"bindings": bindings, "records": records}
-    out.with_suffix(".json").write_text(json.dumps(raw, indent=0))  # first: the report reads it back
+    # the raw times first (gzipped: thousands of records), then the report made from them
+    out.with_suffix(".json.gz").write_bytes(
+        gzip.compress(json.dumps(raw, separators=(",", ":")).encode(), mtime=0)
+    )
     text = _report(records, bindings, args, spec)
     print(text)
     out.write_text(text)
@@ -350,7 +362,7 @@ def _copy_table(spec: TinyMoeSpec, repeats: int = 2000) -> list[str]:
     """The compiled-mode capture, timed outside the engine: one `record_topk` copy per MoE layer."""
     import torch
 
-    from eldr.vllm.capture import record_topk
+    from eldr.vllm.router_tap import record_topk
 
     torch.set_num_threads(1)
     lines = [

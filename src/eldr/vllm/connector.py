@@ -9,9 +9,9 @@ Every KV-transfer call is delegated to the wrapped connector (`eldr_wrapped`: Ni
 production, ExampleConnector in the CPU tests, absent for none). On top of it:
 
 - worker side: the MoE routers' capture callbacks record each forward's real top-k ids into fixed
-  buffers (`capture.RouterTap`, installed while the model is built by the `eldr` general plugin,
+  buffers (`router_tap.RouterTap`, installed while the model is built by the `eldr` general plugin,
   `plugin.py`, so compiled graphs contain the copy); `bind_connector_metadata` arms the rows of the
-  step's tokens, `build_connector_worker_meta` folds them into per-KV-block rows (`capture.TapSet`)
+  step's tokens, `build_connector_worker_meta` folds them into per-KV-block rows (`router_tap.TapSet`)
   and sends them back with the step number;
 - scheduler side: `build_connector_meta` numbers steps and notes which requests finish their prefill;
   `update_connector_output` folds the rows into the signature cache (`blockcache`) and fills the
@@ -49,9 +49,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.forward_context import get_forward_context, is_forward_context_available
 
 from eldr.errors import ConfigError
-from eldr.vllm import timing
 from eldr.vllm.blockcache import BlockDelta
-from eldr.vllm.capture import RouterTap, TapSet, find_moe_routers, install_tap, taps_for
 from eldr.vllm.decodestats import (
     DECODE_STATS_KEY,
     DecodeStatsRecorder,
@@ -61,6 +59,7 @@ from eldr.vllm.decodestats import (
 )
 from eldr.vllm.fold import empty_delta
 from eldr.vllm.ledger import SignatureLedger
+from eldr.vllm.router_tap import RouterTap, TapSet, find_moe_routers, install_tap, taps_for
 from eldr.vllm.version import check_vllm_version
 
 if TYPE_CHECKING:
@@ -98,8 +97,6 @@ class EldrWorkerMeta(KVConnectorWorkerMetadata):
     delta: BlockDelta | None
     top_k: int
     inner: KVConnectorWorkerMetadata | None
-    # (hooks wall, callbacks wall, hooks CPU) ns since the last step; ELDR_PLUGIN_TIMING only
-    timing_ns: tuple[int, int, int] = (0, 0, 0)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         # tensor-parallel ranks see the same router ids: keep one copy, refuse if they disagree
@@ -110,12 +107,7 @@ class EldrWorkerMeta(KVConnectorWorkerMetadata):
         inner = self.inner
         if inner is not None and other.inner is not None:
             inner = inner.aggregate(other.inner)
-        timing_ns = (
-            self.timing_ns[0] + other.timing_ns[0],
-            self.timing_ns[1] + other.timing_ns[1],
-            self.timing_ns[2] + other.timing_ns[2],
-        )
-        return EldrWorkerMeta(self.step, delta, self.top_k, inner or other.inner, timing_ns)
+        return EldrWorkerMeta(self.step, delta, self.top_k, inner or other.inner)
 
 
 def _wrapped_config(vllm_config: VllmConfig) -> tuple[type[KVConnectorBase_V1] | None, VllmConfig]:
@@ -247,7 +239,7 @@ class EldrConnector(KVConnectorBase_V1):
                 if is_compiled:
                     raise ConfigError(_not_in_graph_reason(tap))
                 # eager mode: nothing was traced, a callback set now runs from the next forward on
-                tap = install_tap(layer_id, router, max_num_tokens, is_timed=timing.IS_ENABLED)
+                tap = install_tap(layer_id, router, max_num_tokens)
             taps.append(tap)
         self._top_k = int(routers[0][1].top_k)
         self._taps = TapSet(taps, num_experts=int(routers[0][1].global_num_experts))
@@ -407,15 +399,9 @@ class EldrConnector(KVConnectorBase_V1):
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         meta = connector_output.kv_connector_worker_meta
         if isinstance(meta, EldrWorkerMeta):
-            filled = self._ledger.apply(meta.step, meta.delta, meta.top_k)
+            self._ledger.apply(meta.step, meta.delta, meta.top_k)
             if self._decode_stats is not None:
                 self._decode_stats.apply(meta.step, meta.delta, meta.top_k)
-            if timing.IS_ENABLED:
-                timing.CLOCK.receive(*meta.timing_ns)
-                if meta.step % 50 == 0:
-                    logger.info("%s", timing.hook_report())
-                for params in filled:
-                    params[timing.TIMING_KEY] = timing.CLOCK.snapshot()
             connector_output.kv_connector_worker_meta = meta.inner
         if self._inner is not None:
             self._inner.update_connector_output(connector_output)
@@ -528,37 +514,3 @@ _DELEGATED = frozenset(
         "_cache_hit_source",
     }
 )
-
-
-if timing.IS_ENABLED:  # benchmark-only clocks (benchmarks/plugin_overhead.py); nothing wrapped otherwise
-    timing.instrument(
-        EldrConnector,
-        worker_hooks=(
-            "register_kv_caches",
-            "bind_connector_metadata",
-            "clear_connector_metadata",
-            "build_connector_worker_meta",
-            "start_load_kv",
-            "wait_for_layer_load",
-            "save_kv_layer",
-            "wait_for_save",
-        ),
-        scheduler_hooks=(
-            "get_num_new_matched_tokens",
-            "update_state_after_alloc",
-            "build_connector_meta",
-            "update_connector_output",
-            "request_finished",
-        ),
-    )
-    _build_worker_meta = EldrConnector.build_connector_worker_meta
-
-    def _ship_timing(self: EldrConnector) -> KVConnectorWorkerMetadata | None:
-        meta = _build_worker_meta(self)  # its own time is already in the worker clock
-        if isinstance(meta, EldrWorkerMeta):
-            meta.timing_ns = timing.CLOCK.take_worker()
-            if meta.step % 50 == 0:
-                logger.info("%s", timing.hook_report())
-        return meta
-
-    EldrConnector.build_connector_worker_meta = _ship_timing  # type: ignore[method-assign]

@@ -5,16 +5,16 @@ torch.compile traces the model at its first forward (on vLLM CPU: the warm-up in
 not None:` is resolved during that trace and vLLM drops dynamo's guards, so a callback set later
 is never called by the compiled graph. This plugin is loaded by vLLM in every process (entry point
 `vllm.general_plugins`, name `eldr`) and registers torch's global module-registration hook: when a
-built MoE layer is attached to its parent module, and the engine's KV connector is `EldrConnector`,
-its router gets a `capture.RouterTap` through the public `set_capture_fn`. The first trace then
-includes the buffer copy, and the connector finds the taps when it starts.
+built MoE layer is attached to its parent module, and the engine's KV connector is `EldrConnector` or
+a subclass of it, its router gets a `router_tap.RouterTap` through the public `set_capture_fn`. The
+first trace then includes the buffer copy, and the connector finds the taps when it starts.
 
 The plugin also adds `eldr_router_capture` to the engine's `additional_config` (part of vLLM's
 config hash, hence of its compile-cache key) so that a graph compiled without the capture, cached by
 an earlier run of the same engine without the plugin, is never loaded for a plugin engine.
 
-Engines without `EldrConnector` are left alone (one dict lookup per registered submodule while
-their model is built, nothing at run time).
+Engines without `EldrConnector` are left alone (a type check per registered submodule while their
+model is built, and for each MoE layer a look at the configured connector class; nothing at run time).
 """
 
 from __future__ import annotations
@@ -38,10 +38,19 @@ def register() -> None:
 
 
 def uses_eldr_connector(vllm_config: Any) -> bool:
+    """Whether the engine's KV connector is `EldrConnector` or a subclass of it (out of tree)."""
     ktc = getattr(vllm_config, "kv_transfer_config", None)
-    if ktc is None:
+    if ktc is None or not ktc.kv_connector:
         return False
-    return ktc.kv_connector == "EldrConnector" or ktc.kv_connector_module_path == "eldr.vllm.connector"
+    if ktc.kv_connector == "EldrConnector" or ktc.kv_connector_module_path == "eldr.vllm.connector":
+        return True
+    if not ktc.kv_connector_module_path:
+        return False  # one of vLLM's own connectors
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
+    from eldr.vllm.connector import EldrConnector
+
+    return issubclass(KVConnectorFactory.get_connector_class(ktc), EldrConnector)
 
 
 def _on_module(parent: torch.nn.Module, name: str, module: torch.nn.Module | None) -> None:
@@ -56,16 +65,13 @@ def _on_module(parent: torch.nn.Module, name: str, module: torch.nn.Module | Non
     vllm_config = get_current_vllm_config_or_none()
     if vllm_config is None or not uses_eldr_connector(vllm_config):
         return
-    from eldr.vllm.capture import has_capture_callback, install_tap
+    from eldr.vllm.router_tap import has_capture_callback, install_tap
 
     router = getattr(module, "router", None)
     if router is None or not has_capture_callback(router):
         return  # the connector refuses such a model at start, with the reason
     max_num_tokens = int(vllm_config.scheduler_config.max_num_batched_tokens)
-    from eldr.vllm.timing import IS_ENABLED
-
-    is_eager = vllm_config.compilation_config.mode == 0  # CompilationMode.NONE
-    install_tap(int(module.layer_id), router, max_num_tokens, is_timed=IS_ENABLED and is_eager)
+    install_tap(int(module.layer_id), router, max_num_tokens)
     mark_compile_cache(vllm_config)
 
 

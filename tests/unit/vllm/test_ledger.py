@@ -21,7 +21,7 @@ from eldr.signature import counts_from_topk
 from eldr.vllm.ledger import SignatureLedger
 
 torch = pytest.importorskip("torch")
-from eldr.vllm.capture import RouterTap, TapSet, record_topk  # noqa: E402
+from eldr.vllm.router_tap import RouterTap, TapSet, record_topk  # noqa: E402
 
 BLOCK, NUM_BLOCKS, LAYERS, EXPERTS, TOP_K = 4, 16, 2, 6, 2
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-from eldr.vllm.capture import UNWRITTEN, RouterTap, TapSet, chain_capture, record_topk  # noqa: E402
+from eldr.vllm.router_tap import UNWRITTEN, RouterTap, TapSet, chain_capture, record_topk  # noqa: E402
 
 PATHS = pytest.mark.parametrize("path", ["host", "device"])
 
@@ -137,7 +137,7 @@ def test_chained_callbacks_both_run() -> None:
 
 def test_a_replaced_callback_is_chained_again_in_eager_mode() -> None:
     pytest.importorskip("vllm")  # the buffer's device comes from vLLM's platform
-    from eldr.vllm import capture
+    from eldr.vllm import router_tap as capture
 
     router = _Router()
     router.top_k = 2  # type: ignore[attr-defined]
@@ -149,3 +149,25 @@ def test_a_replaced_callback_is_chained_again_in_eager_mode() -> None:
     assert again.is_installed and again.buffer is tap.buffer
     ids = router.route(torch.randn(3, 4))
     assert torch.equal(again.buffer[:3], ids.to(torch.int32))
+
+
+def test_a_wrapped_callback_stays_installed_and_still_records() -> None:
+    pytest.importorskip("vllm")
+    from eldr.vllm import router_tap as capture
+
+    router = _Router()
+    router.top_k = 2  # type: ignore[attr-defined]
+    tap = capture.install_tap(0, router, max_num_tokens=8)
+    calls: list[int] = []
+
+    def counted(fn: capture.Callback) -> capture.Callback:
+        def callback(ids: torch.Tensor) -> None:
+            calls.append(int(ids.shape[0]))
+            fn(ids)
+
+        return callback
+
+    tap.wrap(counted)
+    assert tap.is_installed and capture.install_tap(0, router, max_num_tokens=8) is tap
+    ids = router.route(torch.randn(3, 4))
+    assert calls == [3] and torch.equal(tap.buffer[:3], ids.to(torch.int32))

@@ -34,6 +34,7 @@ from eldr.vllm.blockcache import BlockDelta
 from eldr.vllm.fold import fold_ids, fold_on_device
 
 UNWRITTEN = -1  # rows armed for a step; a router overwrites them with expert ids >= 0
+Callback = Callable[[torch.Tensor], None]  # a router capture callback: called with `[n, k]` top-k ids
 
 
 def record_topk(buffer: torch.Tensor, topk_ids: torch.Tensor) -> None:
@@ -48,21 +49,26 @@ class RouterTap:
     layer_id: int
     router: Any
     buffer: torch.Tensor  # [max tokens per forward, k] int32
-    callback: Callable[[torch.Tensor], None]  # what `router.capture_fn` was set to (may chain another)
+    callback: Callback  # what `router.capture_fn` was set to (may chain another)
 
     @property
     def is_installed(self) -> bool:
         return self.router.capture_fn is self.callback
 
+    def wrap(self, wrapper: Callable[[Callback], Callback]) -> None:
+        """Make `wrapper(callback)` the router's callback (e.g. a benchmark's clock around it).
+
+        Eager mode only: a compiled graph keeps running the callback it traced.
+        """
+        self.callback = wrapper(self.callback)
+        self.router.set_capture_fn(self.callback)
+
 
 _TAPS: dict[int, RouterTap] = {}  # id(router) -> tap, for this process's model(s)
 
 
-def install_tap(layer_id: int, router: Any, max_num_tokens: int, *, is_timed: bool = False) -> RouterTap:
-    """Give `router` a buffer of `max_num_tokens` rows and a recording callback (idempotent).
-
-    `is_timed` (eager mode with `ELDR_PLUGIN_TIMING=1` only) adds a host clock around the callback.
-    """
+def install_tap(layer_id: int, router: Any, max_num_tokens: int) -> RouterTap:
+    """Give `router` a buffer of `max_num_tokens` rows and a recording callback (idempotent)."""
     tap = _TAPS.get(id(router))
     if tap is not None and tap.router is router:
         if tap.is_installed:
@@ -72,12 +78,7 @@ def install_tap(layer_id: int, router: Any, max_num_tokens: int, *, is_timed: bo
         buffer = torch.full(
             (max_num_tokens, int(router.top_k)), UNWRITTEN, dtype=torch.int32, device=_device_of(router)
         )
-    record: Callable[[torch.Tensor], None] = partial(record_topk, buffer)
-    if is_timed:
-        from eldr.vllm.timing import timed_callback
-
-        record = timed_callback(record)
-    callback = chain_capture(router, record)
+    callback = chain_capture(router, partial(record_topk, buffer))
     tap = RouterTap(layer_id, router, buffer, callback)
     _TAPS[id(router)] = tap
     return tap
