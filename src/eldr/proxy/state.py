@@ -41,6 +41,13 @@ class ProxyState:
                 "--decode URLs were given (centroid k maps to the k-th --decode URL)"
             )
         self.config = config
+        if config.policy == "eldr" and config.tau > 0 and len(config.decode) == 2:
+            log.warning(
+                "eldr with 2 decode instances and tau %g: the locality band always holds its runner-up, "
+                "so both instances are in every band and eldr balances by load (similarity breaks ties "
+                "only); --tau 0 routes by similarity alone (docs/serving.md#two-decode-instances)",
+                config.tau,
+            )
         # eldr routes by the partition; fewest-new-experts takes only its shape (L x E) and top_k
         self.partition = partition if config.policy in ("eldr", FEWEST_NEW_EXPERTS) else None
         # fewest-new-experts: top_k from the config, else from the partition's meta
