@@ -79,11 +79,12 @@ class Pool:
     def least_loaded(self, excluded: Set[Worker], rng: np.random.Generator) -> int:
         """The routable instance with the lowest load signal, ties broken at random (the policies' own
         `least_loaded` over this pool's view)."""
-        view = self.view(excluded)
-        routable = np.flatnonzero(view.healthy)
-        if routable.size == 0:
+        routable = [i for i, w in enumerate(self.workers) if w.is_routable and w not in excluded]
+        if not routable:
             raise NoHealthyWorkerError(f"no healthy {self.role} instance")
-        return least_loaded(routable, view, rng)
+        if len(routable) == 1:  # the common single-instance pool: no arrays to build
+            return routable[0]
+        return least_loaded(np.asarray(routable, dtype=np.int64), self.view(excluded), rng)
 
     def index_of(self, url: str) -> int | None:
         """The position of the instance `url` names (in any of its spellings), or None."""
