@@ -36,6 +36,7 @@ MAX_ENGINE_ANSWER_BYTES = 64 * MIB  # one engine answer read by eldr capture
 
 # flags (and the serve config's numbers)
 MAX_WORKERS = 4096  # decode workers: fit, simulate, demo, route --loads entries
+MAX_REFIT_WINDOW = 100_000  # signatures an online refit may cluster (memory: window x L x E floats)
 MAX_REQUESTS = 10_000_000  # --requests, --num-requests, --num-calibration, --calibration
 MAX_TOKENS = 1_048_576  # --output-tokens, --max-prompt, --max-output, --decode-tokens
 MAX_BATCH = 65_536  # --max-batch, each of --batch-sizes

@@ -16,6 +16,7 @@ from eldr.limits import (
     MAX_BYTES_ENV,
     MAX_KV_TOKENS,
     MAX_RATE,
+    MAX_REFIT_WINDOW,
     MAX_REQUESTS,
     MAX_TOKENS,
     MAX_WORKERS,
@@ -23,7 +24,7 @@ from eldr.limits import (
     size_text,
 )
 from eldr.policy import DEFAULT_TAU, FEWEST_NEW_EXPERTS, POLICY_NAMES, SERVE_POLICIES
-from eldr.policy.refit import DEFAULT_REFIT_WINDOW, MAX_REFIT_WINDOW, REFIT_POLICY
+from eldr.policy.refit import DEFAULT_REFIT_WINDOW, REFIT_POLICY
 
 DEFAULT_POLICIES = "rr,random,jsq,p2c,domain,eldr,oracle"
 MAX_LAM = 1e6

@@ -30,13 +30,13 @@ from scipy import optimize
 
 from eldr.errors import ConfigError
 from eldr.kmeans import normalize_rows, spherical_kmeans
+from eldr.limits import MAX_REFIT_WINDOW
 from eldr.policy.base import Decision, RequestView, StatelessPolicy, WorkersView
 from eldr.policy.locality_band import LocalityBandPolicy
 from eldr.signature import FloatArray
 
 DEFAULT_REFIT_WINDOW = 2000
 REFIT_POLICY = "eldr-refit"  # the simulator's name for eldr with online refit
-MAX_REFIT_WINDOW = 100_000  # signatures a refit may cluster (memory: window x L x E floats)
 
 
 def align_centroids(old: FloatArray, new: FloatArray) -> FloatArray:
@@ -81,8 +81,8 @@ class Refitter:
     """The window of recent signatures, when a refit is due, and which results may be installed."""
 
     def __init__(self, *, window: int = DEFAULT_REFIT_WINDOW, every: int = 500, seed: int = 1) -> None:
-        if window < 1:
-            raise ConfigError(f"refit window must be >= 1, got {window}")
+        if not 1 <= window <= MAX_REFIT_WINDOW:
+            raise ConfigError(f"refit window must be in [1, {MAX_REFIT_WINDOW}], got {window}")
         if every < 1:
             raise ConfigError(f"refit_every must be >= 1, got {every}")
         self.every = every

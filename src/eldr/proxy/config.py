@@ -22,9 +22,9 @@ from typing import Any
 from eldr.engineurl import check_url, url_identity
 from eldr.errors import ConfigError, InputFileError
 from eldr.inputfile import read_text
-from eldr.limits import GIB, MAX_CONFIG_BYTES, MAX_SEED, MAX_TIMEOUT_S, MIB
+from eldr.limits import GIB, MAX_CONFIG_BYTES, MAX_REFIT_WINDOW, MAX_SEED, MAX_TIMEOUT_S, MIB
 from eldr.policy import DEFAULT_LAM, DEFAULT_TAU, FEWEST_NEW_EXPERTS, SERVE_POLICIES, check_tau
-from eldr.policy.refit import DEFAULT_REFIT_WINDOW, MAX_REFIT_WINDOW
+from eldr.policy.refit import DEFAULT_REFIT_WINDOW
 
 KIB = 1024
 
