@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -17,10 +15,11 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
+from tests.benchmark_module import load_benchmark  # noqa: E402
+
 from eldr.testing.domain_text import DOMAINS, classify, document, documents  # noqa: E402
 from eldr.trace.format import Trace  # noqa: E402
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 TINY = [
     "--layers", "2", "--experts", "8", "--top-k", "2", "--hidden", "32", "--moe-intermediate", "16",
     "--heads", "2", "--kv-heads", "1", "--head-dim", "16", "--vocab-size", "400",
@@ -30,13 +29,7 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def lm() -> ModuleType:
-    sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("locality_model", BENCHMARKS / "locality_model.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["locality_model"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("locality_model")
 
 
 @pytest.fixture(scope="module")

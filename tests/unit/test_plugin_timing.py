@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any
 
@@ -14,20 +11,16 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("vllm")
 
+from tests.benchmark_module import load_benchmark  # noqa: E402
+
 from eldr.vllm.blockcache import BlockDelta  # noqa: E402
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 BLOCK = 4
 
 
 @pytest.fixture(scope="module")
 def timing() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("plugin_timing", BENCHMARKS / "plugin_timing.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["plugin_timing"] = module  # as on an engine's PYTHONPATH: its metadata pickles by name
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("plugin_timing")  # as on an engine's PYTHONPATH: its metadata pickles by name
 
 
 def _scheduler(timing: ModuleType) -> Any:

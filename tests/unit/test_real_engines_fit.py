@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 import pytest
+from tests.benchmark_module import load_benchmark
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 PROFILE = {"base_s": 0.005, "per_request_s": 0.0007, "per_expert_s": 0.0002, "rms_rel_err": 0.05}
 
 
 @pytest.fixture(scope="module")
 def re_mod() -> ModuleType:
-    sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("real_engines", BENCHMARKS / "real_engines.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["real_engines"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("real_engines")
 
 
 def _run(mod: ModuleType, policy: str, engines: list[dict[str, float]]) -> Any:
