@@ -56,10 +56,10 @@ from provenance import commit, machine
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
+from eldr.policy import LOAD_BALANCERS  # noqa: E402
 from eldr.testing.engines import Engine, EngineSpec, free_port, kv_config, start_engine  # noqa: E402
 
 MODEL_NAME = "tiny-moe"  # eldr.testing.engines serves every model under this name
-LOAD_BALANCERS = ("rr", "jsq", "p2c", "random")
 DEFAULT_POLICIES = ("eldr", "rr", "jsq", "p2c", "fewest-new-experts")
 ACTIVE_EXPERTS = "eldr:decode_step_active_experts"
 BATCH_SIZE = "eldr:decode_step_batch_size"

@@ -15,6 +15,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import attacks
@@ -59,12 +60,20 @@ def classify(payload: dict[str, Any], status: int, text: str) -> str:
     return "answer"
 
 
-async def drive(url: str) -> dict[str, int]:
-    outcomes = {"answer": 0, "error": 0}
-    limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY)
+async def drive(
+    url: str,
+    num_requests: int,
+    concurrency: int,
+    check: Callable[[dict[str, Any], int, str], str] = classify,
+    lost: list[str] | None = None,
+) -> dict[str, int]:
+    """`num_requests` mixed requests at `concurrency`, each answer checked by `check`. A transport
+    error fails the test, or with `lost` is counted and recorded there."""
+    outcomes = {"answer": 0, "error": 0, "lost": 0}
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(limits=limits, timeout=CLIENT_TIMEOUT_S) as client:
         queue: asyncio.Queue[int] = asyncio.Queue()
-        for i in range(NUM_REQUESTS):
+        for i in range(num_requests):
             queue.put_nowait(i)
 
         async def worker() -> None:
@@ -76,10 +85,17 @@ async def drive(url: str) -> dict[str, int]:
                     "max_tokens": 1 + i % 8,
                     "stream": i % 3 != 0,
                 }
-                r = await client.post(url + "/v1/completions", json=payload)
-                outcomes[classify(payload, r.status_code, r.text)] += 1
+                try:
+                    r = await client.post(url + "/v1/completions", json=payload)
+                except httpx.HTTPError as exc:
+                    if lost is None:
+                        raise
+                    outcomes["lost"] += 1
+                    lost.append(f"{type(exc).__name__}: {exc}")
+                    continue
+                outcomes[check(payload, r.status_code, r.text)] += 1
 
-        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
     return outcomes
 
 
@@ -102,7 +118,7 @@ def test_soak_with_random_failures() -> None:
             engine.__post_init__()
         tasks_before = c.proxy.call(lambda: len(asyncio.all_tasks()))
         started = time.perf_counter()
-        outcomes = asyncio.run(drive(c.url))
+        outcomes = asyncio.run(drive(c.url, NUM_REQUESTS, CONCURRENCY))
         elapsed_s = time.perf_counter() - started
         assert outcomes["answer"] + outcomes["error"] == NUM_REQUESTS
         assert outcomes["answer"] > 0.9 * NUM_REQUESTS  # failover turns most injected failures into answers
@@ -212,35 +228,6 @@ class Attackers:
             t.join(60)
 
 
-async def drive_checked(url: str, num_requests: int, concurrency: int, lost: list[str]) -> dict[str, int]:
-    outcomes = {"answer": 0, "error": 0, "lost": 0}
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(limits=limits, timeout=CLIENT_TIMEOUT_S) as client:
-        queue: asyncio.Queue[int] = asyncio.Queue()
-        for i in range(num_requests):
-            queue.put_nowait(i)
-
-        async def worker() -> None:
-            while not queue.empty():
-                i = queue.get_nowait()
-                payload = {
-                    "model": "fake-moe",
-                    "prompt": f"{'db'[i % 2]} request {i}",
-                    "max_tokens": 1 + i % 8,
-                    "stream": i % 3 != 0,
-                }
-                try:
-                    r = await client.post(url + "/v1/completions", json=payload)
-                except httpx.HTTPError as exc:
-                    outcomes["lost"] += 1
-                    lost.append(f"{type(exc).__name__}: {exc}")
-                    continue
-                outcomes[check_answer(payload, r.status_code, r.text)] += 1
-
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return outcomes
-
-
 @pytest.mark.slow
 def test_soak_with_attacks_beside_it() -> None:
     """`SOAK_ATTACK_N` requests (400 here; 5,000 for the published figures, docs/serving.md) at
@@ -297,7 +284,7 @@ def test_soak_with_attacks_beside_it() -> None:
         with Attackers(proxy.port) as attackers:
             time.sleep(0.5)
             lost: list[str] = []
-            outcomes = asyncio.run(drive_checked(proxy.url, ATTACK_N, ATTACK_CONCURRENCY, lost))
+            outcomes = asyncio.run(drive(proxy.url, ATTACK_N, ATTACK_CONCURRENCY, check_answer, lost))
             elapsed_s = time.perf_counter() - started
         sampling.set()
         sampler.join()
